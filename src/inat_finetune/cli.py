@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -41,7 +39,9 @@ def _setup_logging(verbose: bool) -> None:
 
 
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
+) -> None:
     _setup_logging(verbose)
 
 
@@ -52,8 +52,18 @@ def _fail(message: str) -> None:
 
 def _print_results(results: dict, run_dir: Path | None = None) -> None:
     table = Table(title="Results", show_header=False)
-    for key in ("backbone", "strategy", "trainable_params", "total_params", "epochs", "best_epoch",
-                "final_train_acc", "best_val_acc", "test_acc", "train_time_s"):
+    for key in (
+        "backbone",
+        "strategy",
+        "trainable_params",
+        "total_params",
+        "epochs",
+        "best_epoch",
+        "final_train_acc",
+        "best_val_acc",
+        "test_acc",
+        "train_time_s",
+    ):
         if key in results:
             value = results[key]
             if isinstance(value, float):
@@ -64,54 +74,121 @@ def _print_results(results: dict, run_dir: Path | None = None) -> None:
     out.print(table)
     per_class = results.get("per_class_test_acc", {})
     if per_class:
-        out.print("per-class test accuracy: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in per_class.items()))
+        out.print(
+            "per-class test accuracy: "
+            + ", ".join(f"{k} {100 * v:.1f}%" for k, v in per_class.items())
+        )
     if run_dir is not None:
         out.print(f"run directory: {run_dir}")
 
 
 # Options shared by `train` and `demo`; None means "not given" so YAML values are not overridden.
-DataOpt = Annotated[Optional[str], typer.Option("--data", help="dataset root: nature_12K, train/+val/ or class folders")]
-BackboneOpt = Annotated[Optional[str], typer.Option("--backbone", help="torchvision or timm model name [default: resnet50]")]
-WeightsOpt = Annotated[Optional[str], typer.Option("--weights", help="weights name (IMAGENET1K_V1), file path, or 'none' [default: DEFAULT]")]
-EpochsOpt = Annotated[Optional[int], typer.Option("--epochs", help="training epochs [default: 10]")]
-ImgSizeOpt = Annotated[Optional[int], typer.Option("--img-size", help="input size in pixels [default: weights preset, 224]")]
-OutputOpt = Annotated[Optional[str], typer.Option("--output", help="directory of run directories [default: runs]")]
+DataOpt = Annotated[
+    str | None,
+    typer.Option("--data", help="dataset root: nature_12K, train/+val/ or class folders"),
+]
+BackboneOpt = Annotated[
+    str | None,
+    typer.Option("--backbone", help="torchvision or timm model name [default: resnet50]"),
+]
+WeightsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--weights", help="weights name (IMAGENET1K_V1), file path, or 'none' [default: DEFAULT]"
+    ),
+]
+EpochsOpt = Annotated[int | None, typer.Option("--epochs", help="training epochs [default: 10]")]
+ImgSizeOpt = Annotated[
+    int | None,
+    typer.Option("--img-size", help="input size in pixels [default: weights preset, 224]"),
+]
+OutputOpt = Annotated[
+    str | None, typer.Option("--output", help="directory of run directories [default: runs]")
+]
 
 
 @app.command()
 def train(
     data: DataOpt = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="YAML file of options (option names as below, with _)")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="YAML file of options (option names as below, with _)"),
+    ] = None,
     backbone: BackboneOpt = None,
     weights: WeightsOpt = None,
-    strategy: Annotated[Optional[str], typer.Option(help="freeze_last, freeze_k_percent, freeze_except_bn_and_fc, none [default: freeze_except_bn_and_fc]")] = None,
-    freeze_percent: Annotated[Optional[float], typer.Option(help="fraction of backbone tensors frozen by freeze_k_percent [default: 0.25]")] = None,
-    frozen_bn: Annotated[Optional[str], typer.Option(help="frozen BatchNorm layers: eval (keep ImageNet stats) or train (update, as the seed) [default: eval]")] = None,
+    strategy: Annotated[
+        str | None,
+        typer.Option(
+            help="freeze_last, freeze_k_percent, freeze_except_bn_and_fc, none [default: freeze_except_bn_and_fc]"
+        ),
+    ] = None,
+    freeze_percent: Annotated[
+        float | None,
+        typer.Option(
+            help="fraction of backbone tensors frozen by freeze_k_percent [default: 0.25]"
+        ),
+    ] = None,
+    frozen_bn: Annotated[
+        str | None,
+        typer.Option(
+            help="frozen BatchNorm layers: eval (keep ImageNet stats) or train (update, as the seed) [default: eval]"
+        ),
+    ] = None,
     epochs: EpochsOpt = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="[default: 32]")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="learning rate [default: 0.001]")] = None,
-    optimizer: Annotated[Optional[str], typer.Option(help="adam, adamw or sgd [default: adam]")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="[default: 0]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="[default: 32]")] = None,
+    lr: Annotated[float | None, typer.Option(help="learning rate [default: 0.001]")] = None,
+    optimizer: Annotated[
+        str | None, typer.Option(help="adam, adamw or sgd [default: adam]")
+    ] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="[default: 0]")] = None,
     img_size: ImgSizeOpt = None,
-    augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="augment the training subset [default: on]")] = None,
-    val_fraction: Annotated[Optional[float], typer.Option(help="share of train/ held out for validation [default: 0.2]")] = None,
-    test_fraction: Annotated[Optional[float], typer.Option(help="share held out for test, flat folders only [default: 0.2]")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="seeds splits, weights init, augmentation, workers [default: 42]")] = None,
-    num_workers: Annotated[Optional[int], typer.Option(help="DataLoader workers [default: CPU count, max 8]")] = None,
-    accelerator: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, mps [default: auto]")] = None,
-    devices: Annotated[Optional[str], typer.Option(help="Lightning devices [default: auto]")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="auto, 32-true, bf16-mixed, 16-mixed [default: auto]")] = None,
-    channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last", help="[default: auto]")] = None,
-    wandb: Annotated[Optional[bool], typer.Option("--wandb/--no-wandb", help="log to Weights & Biases (WANDB_MODE=offline works) [default: off]")] = None,
-    wandb_project: Annotated[Optional[str], typer.Option(help="[default: inat-finetune]")] = None,
+    augment: Annotated[
+        bool | None,
+        typer.Option("--augment/--no-augment", help="augment the training subset [default: on]"),
+    ] = None,
+    val_fraction: Annotated[
+        float | None, typer.Option(help="share of train/ held out for validation [default: 0.2]")
+    ] = None,
+    test_fraction: Annotated[
+        float | None, typer.Option(help="share held out for test, flat folders only [default: 0.2]")
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(help="seeds splits, weights init, augmentation, workers [default: 42]"),
+    ] = None,
+    num_workers: Annotated[
+        int | None, typer.Option(help="DataLoader workers [default: CPU count, max 8]")
+    ] = None,
+    accelerator: Annotated[
+        str | None, typer.Option(help="auto, cpu, cuda, mps [default: auto]")
+    ] = None,
+    devices: Annotated[str | None, typer.Option(help="Lightning devices [default: auto]")] = None,
+    precision: Annotated[
+        str | None, typer.Option(help="auto, 32-true, bf16-mixed, 16-mixed [default: auto]")
+    ] = None,
+    channels_last: Annotated[
+        bool | None, typer.Option("--channels-last/--no-channels-last", help="[default: auto]")
+    ] = None,
+    wandb: Annotated[
+        bool | None,
+        typer.Option(
+            "--wandb/--no-wandb",
+            help="log to Weights & Biases (WANDB_MODE=offline works) [default: off]",
+        ),
+    ] = None,
+    wandb_project: Annotated[str | None, typer.Option(help="[default: inat-finetune]")] = None,
     output: OutputOpt = None,
-    run_name: Annotated[Optional[str], typer.Option(help="run directory name [default: backbone-strategy]")] = None,
+    run_name: Annotated[
+        str | None, typer.Option(help="run directory name [default: backbone-strategy]")
+    ] = None,
 ) -> None:
     """Fine-tune a pretrained backbone, keep the best checkpoint by val accuracy, and test it."""
     from inat_finetune.config import load_config
     from inat_finetune.training import train as run_training
 
-    options = {k: v for k, v in locals().items() if k not in ("config", "load_config", "run_training")}
+    options = {
+        k: v for k, v in locals().items() if k not in ("config", "load_config", "run_training")
+    }
     try:
         cfg = load_config(config, **options)
         result = run_training(cfg, progress=True)
@@ -126,10 +203,12 @@ def evaluate(
     run_or_ckpt: Annotated[Path, typer.Argument(help="a run directory or a .ckpt file")],
     data: DataOpt = None,
     batch_size: Annotated[int, typer.Option()] = 32,
-    num_workers: Annotated[Optional[int], typer.Option()] = None,
+    num_workers: Annotated[int | None, typer.Option()] = None,
     accelerator: Annotated[str, typer.Option()] = "auto",
     precision: Annotated[str, typer.Option()] = "auto",
-    save: Annotated[Optional[Path], typer.Option("--save", help="write the result as JSON here")] = None,
+    save: Annotated[
+        Path | None, typer.Option("--save", help="write the result as JSON here")
+    ] = None,
 ) -> None:
     """Re-score a saved model on a test set (default: the run's own test split)."""
     from inat_finetune.evaluation import evaluate as run_evaluation
@@ -142,16 +221,25 @@ def evaluate(
         return
     if save is not None:
         save_evaluation(result, save)
-    out.print(f"test accuracy: {100 * result['test_acc']:.2f}% on {result['num_test_images']} images")
+    out.print(
+        f"test accuracy: {100 * result['test_acc']:.2f}% on {result['num_test_images']} images"
+    )
     out.print(json.dumps(result["per_class_test_acc"], indent=2))
 
 
 @app.command("models")
 def list_backbones(
-    all_models: Annotated[bool, typer.Option("--all", help="list every torchvision and timm model")] = False,
+    all_models: Annotated[
+        bool, typer.Option("--all", help="list every torchvision and timm model")
+    ] = False,
 ) -> None:
     """List backbones and whether their ImageNet weights are available on this machine."""
-    from inat_finetune.models import FEATURED_BACKBONES, list_models, resolve_source, weights_availability
+    from inat_finetune.models import (
+        FEATURED_BACKBONES,
+        list_models,
+        resolve_source,
+        weights_availability,
+    )
 
     if all_models:
         for name in list_models(include_all=True):
@@ -184,16 +272,18 @@ def demo(
         return
     try:
         cfg = load_config(
-            None, data=data, backbone=backbone or "resnet50", weights=weights, epochs=epochs,
-            img_size=img_size, output=output, strategy="freeze_except_bn_and_fc", run_name="demo",
+            None,
+            data=data,
+            backbone=backbone or "resnet50",
+            weights=weights,
+            epochs=epochs,
+            img_size=img_size,
+            output=output,
+            strategy="freeze_except_bn_and_fc",
+            run_name="demo",
         )
         result = run_training(cfg)
     except UserError as exc:
         _fail(str(exc))
         return
     _print_results(result.results, result.run_dir)
-
-
-def run() -> None:  # pragma: no cover - entry point for `python -m inat_finetune`
-    os.environ.setdefault("PYTHONWARNINGS", "ignore")
-    app()

@@ -21,16 +21,25 @@ from inat_finetune.freezing import STRATEGIES
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    data: str | None = Field(None, description="dataset root (nature_12K, train/val[/test], or class folders)")
+    data: str | None = Field(
+        None, description="dataset root (nature_12K, train/val[/test], or class folders)"
+    )
     output: str = Field("runs", description="directory that holds one directory per run")
-    run_name: str | None = Field(None, description="name of the run directory (default: backbone-strategy)")
+    run_name: str | None = Field(
+        None, description="name of the run directory (default: backbone-strategy)"
+    )
 
     backbone: str = Field("resnet50", description="torchvision or timm model name")
-    weights: str = Field("DEFAULT", description="weights name (IMAGENET1K_V1...), a file path, or 'none'")
+    weights: str = Field(
+        "DEFAULT", description="weights name (IMAGENET1K_V1...), a file path, or 'none'"
+    )
     strategy: str = Field("freeze_except_bn_and_fc", description=f"one of {', '.join(STRATEGIES)}")
-    freeze_percent: float = Field(0.25, ge=0.0, le=1.0, description="fraction frozen by freeze_k_percent")
+    freeze_percent: float = Field(
+        0.25, ge=0.0, le=1.0, description="fraction frozen by freeze_k_percent"
+    )
     frozen_bn: Literal["eval", "train"] = Field(
-        "eval", description="frozen BatchNorm layers: 'eval' keeps ImageNet statistics, 'train' updates them"
+        "eval",
+        description="frozen BatchNorm layers: 'eval' keeps ImageNet statistics, 'train' updates them",
     )
 
     epochs: int = Field(10, ge=1)
@@ -38,17 +47,23 @@ class TrainConfig(BaseModel):
     lr: float = Field(1e-3, gt=0)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     weight_decay: float = Field(0.0, ge=0)
-    img_size: int | None = Field(None, ge=16, description="input size (default: the weights preset's, 224)")
+    img_size: int | None = Field(
+        None, ge=16, description="input size (default: the weights preset's, 224)"
+    )
     augment: bool = Field(True, description="augment the training subset (never val/test)")
     val_fraction: float = Field(0.2, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1, description="only for a flat folder of classes")
 
     seed: int = 42
-    num_workers: int | None = Field(None, ge=0, description="DataLoader workers (default: CPU count, max 8)")
+    num_workers: int | None = Field(
+        None, ge=0, description="DataLoader workers (default: CPU count, max 8)"
+    )
     accelerator: str = Field("auto", description="auto, cpu, cuda, mps")
     devices: str = Field("auto", description="Lightning devices: auto, 1, 2, ...")
     precision: str = Field("auto", description="auto, 32-true, bf16-mixed, 16-mixed")
-    channels_last: bool | None = Field(None, description="channels-last memory format (default: auto)")
+    channels_last: bool | None = Field(
+        None, description="channels-last memory format (default: auto)"
+    )
     wandb: bool = False
     wandb_project: str = "inat-finetune"
 

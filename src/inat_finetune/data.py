@@ -147,7 +147,7 @@ def scan_class_folders(
         reasons = list(checks)
     by_class: dict[str, list[str]] = {cls.name: [] for cls in classes}
     skipped = []
-    for (name, path), reason in zip(candidates, reasons):
+    for (name, path), reason in zip(candidates, reasons, strict=True):
         rel = path.relative_to(data_root).as_posix()
         if reason is None:
             by_class[name].append(rel)
@@ -156,7 +156,9 @@ def scan_class_folders(
     # Junk lying next to the class folders (.DS_Store at the split's top level) is counted too.
     for path in sorted(folder.iterdir()):
         if path.is_file():
-            skipped.append(SkippedFile(path.relative_to(data_root).as_posix(), "not in a class folder"))
+            skipped.append(
+                SkippedFile(path.relative_to(data_root).as_posix(), "not in a class folder")
+            )
     return by_class, skipped
 
 
@@ -359,7 +361,9 @@ def build_train_transform(pre: Preprocessing, augment: bool = True) -> v2.Compos
     return v2.Compose(
         [
             v2.ToImage(),
-            v2.RandomResizedCrop(pre.crop_size, interpolation=pre.interpolation_mode, antialias=True),
+            v2.RandomResizedCrop(
+                pre.crop_size, interpolation=pre.interpolation_mode, antialias=True
+            ),
             v2.RandomHorizontalFlip(),
             v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05),
             v2.RandomRotation(15),

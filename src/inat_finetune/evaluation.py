@@ -25,7 +25,9 @@ def find_checkpoint(run_or_ckpt: str | Path) -> Path:
     if path.is_dir():
         best = path / "checkpoints" / "best.ckpt"
         if not best.is_file():
-            raise UserError(f"{path}: no checkpoints/best.ckpt in this run directory; did it finish an epoch?")
+            raise UserError(
+                f"{path}: no checkpoints/best.ckpt in this run directory; did it finish an epoch?"
+            )
         return best
     if not path.is_file():
         raise UserError(f"{path}: no such checkpoint file or run directory")
@@ -38,13 +40,17 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as exc:
-        raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt?): {exc}") from None
+        raise UserError(
+            f"{path}: not a readable checkpoint (truncated or corrupt?): {exc}"
+        ) from None
     card = checkpoint.get(CARD_KEY) if isinstance(checkpoint, dict) else None
     if card is None:
         raise UserError(f"{path}: not an inat-finetune checkpoint (no '{CARD_KEY}' description)")
     built = get_model(card["backbone"], num_classes=len(card["class_names"]), weights=None)
     prefix = "model."
-    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    state = {
+        k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)
+    }
     try:
         built.model.load_state_dict(state)
     except RuntimeError as exc:
@@ -108,7 +114,7 @@ def evaluate(
         "num_test_images": sum(len(v) for v in split.test.values()),
         "test_acc": float(tested[0]["test/acc"]),
         "test_loss": float(tested[0]["test/loss"]),
-        "per_class_test_acc": dict(zip(classes, module.test_report["per_class_acc"])),
+        "per_class_test_acc": dict(zip(classes, module.test_report["per_class_acc"], strict=True)),
         "confusion_matrix": module.test_report["confusion_matrix"],
         "class_names": classes,
     }

