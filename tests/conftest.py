@@ -1,0 +1,74 @@
+"""Shared fixtures: generated image folders and the real photo sets in ../shared/datasets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
+HYMENOPTERA = SHARED_DATASETS / "hymenoptera"
+FLOWERS = SHARED_DATASETS / "flowers"
+
+# Keep torch to the machine's cores and W&B away from the network in every test.
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def write_image(path: Path, seed: int, size: tuple[int, int] = (48, 40), mode: str = "RGB") -> Path:
+    """A small random but decodable image; ``seed`` makes its content unique."""
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    image = Image.fromarray(pixels, "RGB")
+    if mode != "RGB":
+        image = image.convert(mode)
+    image.save(path)
+    return path
+
+
+def make_class_folders(
+    root: Path, counts: dict[str, int], seed: int = 0, ext: str = ".jpg"
+) -> dict[str, list[Path]]:
+    """``root/<class>/<class>_<i><ext>`` with ``counts[class]`` images each."""
+    made: dict[str, list[Path]] = {}
+    for c_index, (name, count) in enumerate(sorted(counts.items())):
+        made[name] = [
+            write_image(root / name / f"{name}_{i}{ext}", seed * 100_000 + c_index * 1000 + i)
+            for i in range(count)
+        ]
+    return made
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path):
+    """Factory for generated class-folder datasets under tmp_path."""
+
+    def make(counts: dict[str, int], sub: str = "data", seed: int = 0) -> Path:
+        root = tmp_path / sub
+        make_class_folders(root, counts, seed)
+        return root
+
+    return make
+
+
+@pytest.fixture
+def nature_like(tmp_path: Path) -> Path:
+    """A miniature nature_12K tree: inaturalist_12K/{train,val}/<Class>/ with .DS_Store junk."""
+    base = tmp_path / "nature_12K" / "inaturalist_12K"
+    classes = ["Amphibia", "Aves", "Fungi"]
+    make_class_folders(base / "train", {c: 6 for c in classes}, seed=1)
+    make_class_folders(base / "val", {c: 2 for c in classes}, seed=2)
+    for junk in (base / ".DS_Store", base / "train" / ".DS_Store", base / "val" / "Aves" / ".DS_Store"):
+        junk.write_bytes(b"\x00\x00\x00\x01Bud1")
+    return tmp_path / "nature_12K"
+
+
+def require_shared(path: Path) -> Path:
+    if not path.is_dir():
+        pytest.fail(f"{path} is missing: the shared photo sets must sit next to the repository")
+    return path
