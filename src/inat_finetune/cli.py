@@ -287,3 +287,215 @@ def demo(
         _fail(str(exc))
         return
     _print_results(result.results, result.run_dir)
+
+
+@app.command()
+def download(
+    dest: Annotated[Path, typer.Option("--dest", help="folder to put the dataset in")] = Path(
+        "data"
+    ),
+    url: Annotated[
+        str | None, typer.Option("--url", help="zip archive [default: nature_12K's URL]")
+    ] = None,
+    subset: Annotated[
+        int | None,
+        typer.Option("--subset", help="fetch only N training images per class (HTTP Range reads)"),
+    ] = None,
+    test_subset: Annotated[
+        int | None,
+        typer.Option("--test-subset", help="test images per class with --subset [default: N/5]"),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="seeds which images --subset picks")] = 42,
+) -> None:
+    """Download nature_12K (resumable, verified) and extract it; --subset for a quick start."""
+    from rich.filesize import decimal
+
+    from inat_finetune.download import NATURE12K_URL, download_dataset, download_subset
+
+    try:
+        if subset is None:
+            if test_subset is not None:
+                raise UserError("--test-subset needs --subset N (the training images per class)")
+            result = download_dataset(url or NATURE12K_URL, dest)
+        else:
+            test_n = test_subset if test_subset is not None else max(1, round(subset / 5))
+            result = download_subset(url or NATURE12K_URL, dest, subset, test_n, seed)
+    except UserError as exc:
+        _fail(str(exc))
+        return
+    if result.already_complete:
+        message = f"already complete: {result.root} ({result.files:,} files); nothing fetched"
+    else:
+        message = (
+            f"ready: {result.root} ({result.files:,} files, {decimal(result.bytes_fetched)} "
+            f"fetched, {result.skipped_members} junk entries skipped)"
+        )
+    # soft_wrap: paths are printed whole so they can be copied
+    out.print(message, soft_wrap=True, highlight=False)
+    out.print(f"next: inat-finetune check-data {result.root}", soft_wrap=True, highlight=False)
+
+
+@app.command("check-data")
+def check_data_command(
+    path: Annotated[Path, typer.Argument(help="dataset root, as passed to --data")],
+) -> None:
+    """Count images per class and split; find unreadable files, duplicates, missing classes."""
+    from inat_finetune.datacheck import check_data, render
+
+    try:
+        report = check_data(path, progress=True)
+    except UserError as exc:
+        _fail(str(exc))
+        return
+    render(report, out)
+    if not report.ok:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def show(
+    data: Annotated[
+        str,
+        typer.Option("--data", help="dataset root, or a run directory (its split.json is used)"),
+    ],
+    split: Annotated[str, typer.Option("--split", help="train, val or test")] = "train",
+    class_name: Annotated[
+        str | None, typer.Option("--class", help="class to show [default: a random one]")
+    ] = None,
+    n: Annotated[int, typer.Option("-n", help="number of images")] = 10,
+    seed: Annotated[int, typer.Option(help="seeds the class and image choice")] = 0,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", help="PNG file to write [default: samples-<split>-<class>.png]"),
+    ] = None,
+) -> None:
+    """Save a row of random images of one class, titled with the class (seeded)."""
+    from inat_finetune.plots import choose_class, plot_class_samples, resolve_split
+
+    try:
+        data_split = resolve_split(data)
+        name = choose_class(data_split.classes, class_name, seed)
+        target = output or Path(f"samples-{split}-{name}.png")
+        path = plot_class_samples(data_split, split, name, n, seed, out=target)
+    except UserError as exc:
+        _fail(str(exc))
+        return
+    out.print(f"wrote {path}")
+
+
+@app.command("report")
+def report_command(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory or a comparison directory")],
+) -> None:
+    """Write RUN_DIR/report.html: one self-contained page with the config, data, and results."""
+    from inat_finetune.report import write_report
+
+    try:
+        path = write_report(run_dir)
+    except UserError as exc:
+        _fail(str(exc))
+        return
+    out.print(f"wrote {path}")
+
+
+@app.command()
+def predict(
+    run_or_ckpt: Annotated[Path, typer.Argument(help="a run directory or a .ckpt file")],
+    paths: Annotated[
+        list[Path], typer.Argument(help="image files and folders (searched recursively)")
+    ],
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="classes listed per image")] = 5,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="also write the predictions as JSON here")
+    ] = None,
+    csv_out: Annotated[
+        Path | None, typer.Option("--csv", help="also write the predictions as CSV here")
+    ] = None,
+    tta: Annotated[
+        bool, typer.Option("--tta", help="average with the mirrored image (2x the compute)")
+    ] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="images per forward pass")] = 32,
+) -> None:
+    """Classify photos: top-k classes with probabilities for every image found."""
+    from inat_finetune.predict import predict_paths, write_csv, write_json
+
+    try:
+        report = predict_paths(run_or_ckpt, paths, top_k=top_k, batch_size=batch_size, tta=tta)
+    except UserError as exc:
+        _fail(str(exc))
+        return
+    table = Table(title=f"Predictions ({len(report.predictions)} images)")
+    table.add_column("path", overflow="fold")
+    table.add_column("top class")
+    table.add_column("probability", justify="right")
+    if top_k > 1:
+        table.add_column("next")
+    for p in report.predictions:
+        row = [p.path, p.top[0][0], f"{100 * p.top[0][1]:.1f}%"]
+        if top_k > 1:
+            row.append(", ".join(f"{c} {100 * prob:.1f}%" for c, prob in p.top[1:]))
+        table.add_row(*row)
+    out.print(table)
+    if report.skipped:
+        skipped = Table(title=f"Skipped ({len(report.skipped)} files)")
+        skipped.add_column("path", overflow="fold")
+        skipped.add_column("reason")
+        for s in report.skipped:
+            skipped.add_row(s.path, s.reason)
+        out.print(skipped)
+    for target, writer in ((json_out, write_json), (csv_out, write_csv)):
+        if target is not None:
+            out.print(f"wrote {writer(report, target)}")
+
+
+@app.command("export")
+def export_model(
+    run_or_ckpt: Annotated[Path, typer.Argument(help="a run directory or a .ckpt file")],
+    format: Annotated[str, typer.Option("--format", help="onnx or torchscript")] = "onnx",
+    output: Annotated[
+        Path | None, typer.Option("--output", help="folder to write to [default: <run>/export]")
+    ] = None,
+) -> None:
+    """Export for other runtimes (dynamic batch), with preprocessing.json beside the model."""
+    from inat_finetune.export import export
+
+    try:
+        result = export(run_or_ckpt, format=format, out_dir=output)
+    except UserError as exc:
+        _fail(str(exc))
+        return
+    out.print(f"wrote {result.model_path} and {result.preprocessing_path}")
+    out.print(f"checked against PyTorch: max abs difference on logits {result.max_abs_diff:.2e}")
+
+
+@app.command()
+def serve(
+    run_or_ckpt: Annotated[Path, typer.Argument(help="a run directory or a .ckpt file")],
+    host: Annotated[
+        str, typer.Option(help="address to bind; anything but loopback exposes the model")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 7860,
+    max_upload_mb: Annotated[
+        float, typer.Option("--max-upload-mb", min=0.001, help="largest upload accepted")
+    ] = 10.0,
+    max_megapixels: Annotated[
+        float, typer.Option("--max-megapixels", min=0.001, help="largest image accepted")
+    ] = 40.0,
+) -> None:
+    """A web page to try the model on a photo (upload or drop), and a JSON API at /api/predict."""
+    import uvicorn
+
+    from inat_finetune.serve import create_app, is_loopback
+
+    try:
+        web_app = create_app(run_or_ckpt, max_upload_mb, max_megapixels)
+    except UserError as exc:
+        _fail(str(exc))
+        return
+    if not is_loopback(host):
+        console.print(
+            f"[yellow]warning:[/] --host {host} is not loopback: anyone who can reach this "
+            "machine can use the model"
+        )
+    out.print(f"serving on http://{host}:{port}/ (Ctrl+C to stop)")
+    uvicorn.run(web_app, host=host, port=port, log_level="info")

@@ -102,7 +102,8 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig
             raise UserError(f"--config {path}: not valid YAML ({exc})".replace("\n", " ")) from None
         if loaded is not None and not isinstance(loaded, dict):
             raise UserError(f"--config {path}: must be a mapping of option: value")
-        values.update(loaded or {})
+        # Accept the command line's spelling too: freeze-percent as well as freeze_percent.
+        values.update({str(k).replace("-", "_"): v for k, v in (loaded or {}).items()})
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return TrainConfig(**values)

@@ -293,7 +293,10 @@ def make_split(
     if skipped:
         reasons = Counter(s.reason.split(" (")[0] for s in skipped)
         listed = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common())
-        log.warning("Skipped %d files (%s); see dataset.json for the list", len(skipped), listed)
+        log.warning(
+            "Skipped %d file%s (%s); see dataset.json for the list",
+            len(skipped), "" if len(skipped) == 1 else "s", listed,
+        )
     return split
 
 

@@ -358,7 +358,8 @@ def _imagenet_categories(source: str, weights_meta: Any) -> list[str] | None:
         return list(torchvision.models.get_model_weights("resnet50").DEFAULT.meta["categories"])
     from timm.data import ImageNetInfo
 
-    return list(ImageNetInfo().label_names())
+    info = ImageNetInfo()
+    return [info.index_to_description(i) for i in range(info.num_classes())]
 
 
 def get_model(

@@ -84,11 +84,15 @@ class FineTuneModule(L.LightningModule):
             self.model.to(memory_format=torch.channels_last)
 
     def train(self, mode: bool = True) -> FineTuneModule:
-        # Lightning calls train() at every epoch start and after every validation loop.
         super().train(mode)
         if mode and self.frozen_bn == "eval":
             hold_frozen_batchnorm(self.model)
         return self
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning (>= 2.2) never calls train() itself: it keeps whatever modes the modules
+        # have and restores them after validation. Set them here, every epoch.
+        self.train()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
@@ -233,6 +237,20 @@ def model_card(
     }
 
 
+def guard_test_set(split: DataSplit) -> DataSplit:
+    """Keep copies of training images out of the test set before any training starts.
+
+    A test set on disk (nature_12K's val/) with such copies is refused: the user must fix it.
+    A test set carved out here is cleaned: its leaked copies are dropped and counted.
+    """
+    from inat_finetune.datacheck import assert_no_leakage, drop_leaked_test_images
+
+    if split.test_fraction is not None:
+        return drop_leaked_test_images(split)
+    assert_no_leakage(split)
+    return split
+
+
 def train(config: TrainConfig, split: DataSplit | None = None, progress: bool = True) -> RunResult:
     """Run one fine-tuning experiment end to end; see the module docstring for its outputs."""
     from inat_finetune.errors import UserError
@@ -244,6 +262,7 @@ def train(config: TrainConfig, split: DataSplit | None = None, progress: bool = 
         split = make_split(
             config.data, config.seed, config.val_fraction, config.test_fraction, progress=progress
         )
+    split = guard_test_set(split)
     built = get_model(config.backbone, num_classes=len(split.classes), weights=config.weights)
     preprocessing = built.preprocessing.at_size(config.img_size)
     summary = apply_strategy(built.model, built.head, config.strategy, config.freeze_percent)
