@@ -63,7 +63,11 @@ def nature_like(tmp_path: Path) -> Path:
     classes = ["Amphibia", "Aves", "Fungi"]
     make_class_folders(base / "train", {c: 6 for c in classes}, seed=1)
     make_class_folders(base / "val", {c: 2 for c in classes}, seed=2)
-    for junk in (base / ".DS_Store", base / "train" / ".DS_Store", base / "val" / "Aves" / ".DS_Store"):
+    for junk in (
+        base / ".DS_Store",
+        base / "train" / ".DS_Store",
+        base / "val" / "Aves" / ".DS_Store",
+    ):
         junk.write_bytes(b"\x00\x00\x00\x01Bud1")
     return tmp_path / "nature_12K"
 

@@ -71,7 +71,11 @@ def test_missing_config_file(tmp_path):
 )
 def test_any_valid_config_round_trips(epochs, lr, freeze_percent, strategy, img_size, augment):
     cfg = TrainConfig(
-        epochs=epochs, lr=lr, freeze_percent=freeze_percent, strategy=strategy,
-        img_size=img_size, augment=augment,
+        epochs=epochs,
+        lr=lr,
+        freeze_percent=freeze_percent,
+        strategy=strategy,
+        img_size=img_size,
+        augment=augment,
     )
     assert TrainConfig(**yaml.safe_load(yaml.safe_dump(cfg.to_yaml_dict()))) == cfg

@@ -77,7 +77,11 @@ def test_flat_layout_is_split_three_ways_stratified(image_folder):
 
 def test_split_is_deterministic_and_seed_dependent(image_folder):
     root = image_folder({"a": 30, "b": 30})
-    first, again, other = make_split(root, seed=1), make_split(root, seed=1), make_split(root, seed=2)
+    first, again, other = (
+        make_split(root, seed=1),
+        make_split(root, seed=1),
+        make_split(root, seed=2),
+    )
     assert first.val == again.val and first.train == again.train
     assert first.val != other.val
 
@@ -163,7 +167,7 @@ def test_other_bad_roots_are_clear_errors(tmp_path, image_folder):
 def test_load_image_returns_rgb_for_any_mode(tmp_path, mode):
     path = tmp_path / f"img_{mode.replace(';', '')}.{'tif' if mode in ('CMYK', 'I;16') else 'png'}"
     if mode == "I;16":
-        Image.fromarray((np.arange(48 * 40, dtype=np.uint16).reshape(40, 48) * 30)).save(path)
+        Image.fromarray(np.arange(48 * 40, dtype=np.uint16).reshape(40, 48) * 30).save(path)
     else:
         write_image(path, 1, mode=mode)
     assert Image.open(path).mode == mode
@@ -199,7 +203,12 @@ def test_datamodule_batches_and_labels(image_folder):
     split = make_split(image_folder({"a": 10, "b": 10}))
     dm = FineTuneDataModule(split, PRE, batch_size=64, num_workers=0)
     images, labels = next(iter(dm.train_dataloader()))
-    assert images.shape == (len(split.samples("train")), 3, 32, 32)  # batch larger than data is fine
+    assert images.shape == (
+        len(split.samples("train")),
+        3,
+        32,
+        32,
+    )  # batch larger than data is fine
     assert set(labels.tolist()) == {0, 1}
 
 

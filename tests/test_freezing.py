@@ -36,7 +36,15 @@ MOBILENET_TOTAL = 3_504_872 - (1280 * 1000 + 1000) + MOBILENET_HEAD
 
 def _mobilenet_v2_bn_channels() -> int:
     channels, cin = 32 + 1280, 32  # stem and last 1x1 conv
-    for t, c, n in ((1, 16, 1), (6, 24, 2), (6, 32, 3), (6, 64, 4), (6, 96, 3), (6, 160, 3), (6, 320, 1)):
+    for t, c, n in (
+        (1, 16, 1),
+        (6, 24, 2),
+        (6, 32, 3),
+        (6, 64, 4),
+        (6, 96, 3),
+        (6, 160, 3),
+        (6, 320, 1),
+    ):
         for _ in range(n):
             hidden = cin * t
             # expand BN (only when t > 1), depthwise BN, project BN
@@ -84,7 +92,9 @@ def networks():
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
-@pytest.mark.parametrize("strategy", ["freeze_last", "freeze_except_bn_and_fc", "freeze_k_percent", "none"])
+@pytest.mark.parametrize(
+    "strategy", ["freeze_last", "freeze_except_bn_and_fc", "freeze_k_percent", "none"]
+)
 def test_trainable_parameter_counts(networks, name, strategy):
     built = networks[name]
     summary = apply_strategy(built.model, built.head, strategy, freeze_percent=0.25)
@@ -103,8 +113,14 @@ def test_freeze_k_percent_freezes_leading_tensors(networks):
     assert frozen[0] == "conv1.weight" and frozen[-1] == "layer2.0.bn2.bias"
     assert built.model.layer2[0].conv3.weight.requires_grad
     # 0 and 1 are the extremes: nothing frozen, or only the head trains.
-    assert apply_strategy(built.model, built.head, "freeze_k_percent", 0.0).trainable_params == RESNET50_TOTAL
-    assert apply_strategy(built.model, built.head, "freeze_k_percent", 1.0).trainable_params == RESNET50_HEAD
+    assert (
+        apply_strategy(built.model, built.head, "freeze_k_percent", 0.0).trainable_params
+        == RESNET50_TOTAL
+    )
+    assert (
+        apply_strategy(built.model, built.head, "freeze_k_percent", 1.0).trainable_params
+        == RESNET50_HEAD
+    )
 
 
 def test_bn_and_fc_trains_exactly_norm_affine_and_head(networks):
@@ -129,7 +145,9 @@ def test_unknown_strategy_is_refused(networks):
         apply_strategy(built.model, built.head, "freeze_everything")
 
 
-def _running_mean_after_training_step(strategy: str, frozen_bn: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _running_mean_after_training_step(
+    strategy: str, frozen_bn: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     built = get_model("mobilenet_v2", 3, weights="none")
     apply_strategy(built.model, built.head, strategy)
     card = {"class_names": ["a", "b", "c"]}

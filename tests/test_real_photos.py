@@ -34,12 +34,29 @@ def test_linear_probe_on_hymenoptera_reaches_88_percent(tmp_path):
 def test_train_command_writes_a_complete_run_directory(tmp_path):
     result = CliRunner().invoke(
         app,
-        ["train", "--data", str(require_shared(HYMENOPTERA)), "--backbone", "mobilenet_v2",
-         "--strategy", "freeze_except_bn_and_fc", "--epochs", "3", "--output", str(tmp_path)],
+        [
+            "train",
+            "--data",
+            str(require_shared(HYMENOPTERA)),
+            "--backbone",
+            "mobilenet_v2",
+            "--strategy",
+            "freeze_except_bn_and_fc",
+            "--epochs",
+            "3",
+            "--output",
+            str(tmp_path),
+        ],
     )
     assert result.exit_code == 0, result.output
     (run_dir,) = tmp_path.iterdir()
-    for name in ("config.yaml", "split.json", "metrics.csv", "results.json", "checkpoints/best.ckpt"):
+    for name in (
+        "config.yaml",
+        "split.json",
+        "metrics.csv",
+        "results.json",
+        "checkpoints/best.ckpt",
+    ):
         assert (run_dir / name).is_file(), name
     results = json.loads((run_dir / "results.json").read_text())
     assert results["strategy"] == "freeze_except_bn_and_fc" and results["epochs"] == 3

@@ -34,8 +34,16 @@ def tiny_run(tmp_path_factory):
 
 def test_run_directory_holds_everything(tiny_run):
     run = tiny_run.run_dir
-    for name in ("config.yaml", "split.json", "dataset.json", "metrics.csv", "results.json",
-                 "test_predictions.csv", "checkpoints/best.ckpt", "checkpoints/last.ckpt"):
+    for name in (
+        "config.yaml",
+        "split.json",
+        "dataset.json",
+        "metrics.csv",
+        "results.json",
+        "test_predictions.csv",
+        "checkpoints/best.ckpt",
+        "checkpoints/last.ckpt",
+    ):
         assert (run / name).is_file(), name
     results = json.loads((run / "results.json").read_text())
     assert results == tiny_run.results
@@ -104,8 +112,19 @@ def test_cli_train_with_config_file_and_evaluate(tmp_path):
     runner = CliRunner()
     result = runner.invoke(
         app,
-        ["train", "--config", str(config), "--data", str(tmp_path / "data"),
-         "--output", str(tmp_path / "runs"), "--run-name", "cli", "--seed", "3"],
+        [
+            "train",
+            "--config",
+            str(config),
+            "--data",
+            str(tmp_path / "data"),
+            "--output",
+            str(tmp_path / "runs"),
+            "--run-name",
+            "cli",
+            "--seed",
+            "3",
+        ],
     )
     assert result.exit_code == 0, result.output
     (run_dir,) = (tmp_path / "runs").iterdir()
@@ -143,12 +162,19 @@ def test_same_seed_gives_same_results(tmp_path):
     results = []
     for run in ("one", "two"):
         cfg = load_config(
-            None, data=str(tmp_path / "data"), output=str(tmp_path / run),
-            strategy="freeze_except_bn_and_fc", seed=5, precision="32-true", **{**TINY, "epochs": 1},
+            None,
+            data=str(tmp_path / "data"),
+            output=str(tmp_path / run),
+            strategy="freeze_except_bn_and_fc",
+            seed=5,
+            precision="32-true",
+            **{**TINY, "epochs": 1},
         )
         results.append(train(cfg, progress=False).results)
     for key in ("best_val_acc", "test_acc", "test_loss"):
         assert results[0][key] == results[1][key], key
-    split_files = [json.loads(next(Path(tmp_path / r).iterdir()).joinpath("split.json").read_text())
-                   for r in ("one", "two")]
+    split_files = [
+        json.loads(next(Path(tmp_path / r).iterdir()).joinpath("split.json").read_text())
+        for r in ("one", "two")
+    ]
     assert split_files[0] == split_files[1]

@@ -464,7 +464,8 @@ def export_model(
     except UserError as exc:
         _fail(str(exc))
         return
-    out.print(f"wrote {result.model_path} and {result.preprocessing_path}")
+    out.print(f"wrote {result.model_path}", soft_wrap=True)
+    out.print(f"wrote {result.preprocessing_path}", soft_wrap=True)
     out.print(f"checked against PyTorch: max abs difference on logits {result.max_abs_diff:.2e}")
 
 

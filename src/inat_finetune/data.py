@@ -295,7 +295,9 @@ def make_split(
         listed = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common())
         log.warning(
             "Skipped %d file%s (%s); see dataset.json for the list",
-            len(skipped), "" if len(skipped) == 1 else "s", listed,
+            len(skipped),
+            "" if len(skipped) == 1 else "s",
+            listed,
         )
     return split
 

@@ -254,7 +254,9 @@ def drop_leaked_test_images(split: DataSplit) -> DataSplit:
     ours, so the test set is made clean instead of refusing the data.
     """
     root = Path(split.root)
-    leaked = {a.relative_to(root).as_posix(): b.relative_to(root).as_posix() for a, b in find_leaks(split)}
+    leaked = {
+        a.relative_to(root).as_posix(): b.relative_to(root).as_posix() for a, b in find_leaks(split)
+    }
     if not leaked:
         return split
     test = {name: [f for f in files if f not in leaked] for name, files in split.test.items()}

@@ -1,0 +1,137 @@
+"""``predict`` agrees with ``evaluate``, survives bad files, and averages mirrored views for TTA."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import HYMENOPTERA, require_shared, write_image
+from typer.testing import CliRunner
+
+from inat_finetune.cli import app
+from inat_finetune.config import load_config
+from inat_finetune.evaluation import evaluate
+from inat_finetune.predict import Predictor, predict_paths, write_csv, write_json
+from inat_finetune.training import train
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One epoch of mobilenet_v2 on hymenoptera at 64 px (about a minute on 2 cores)."""
+    data = require_shared(HYMENOPTERA)
+    cfg = load_config(
+        None,
+        data=str(data),
+        backbone="mobilenet_v2",
+        strategy="freeze_last",
+        epochs=1,
+        img_size=64,
+        batch_size=32,
+        output=str(tmp_path_factory.mktemp("runs")),
+    )
+    return train(cfg, progress=False).run_dir
+
+
+def test_predict_accuracy_equals_evaluate(trained_run: Path) -> None:
+    val = HYMENOPTERA / "val"
+    report = predict_paths(trained_run, [val], top_k=1, batch_size=64, progress=False)
+    # hymenoptera's val/ is this run's test split, so evaluate scores the same images.
+    # evaluate's "auto" precision is bf16 autocast on CPUs that have it; predict runs fp32.
+    result = evaluate(trained_run, num_workers=0, precision="32-true", progress=False)
+
+    assert report.skipped == []
+    assert len(report.predictions) == result["num_test_images"] == 153
+    correct = [Path(p.path).parent.name == p.top[0][0] for p in report.predictions]
+    accuracy = sum(correct) / len(correct)
+    assert 0.5 < accuracy < 1.0  # trained, and not a degenerate all-correct comparison
+    assert accuracy == pytest.approx(result["test_acc"], abs=1e-6)
+    for name, acc in result["per_class_test_acc"].items():
+        of_class = [
+            c for p, c in zip(report.predictions, correct, strict=True) if f"/{name}/" in p.path
+        ]
+        assert sum(of_class) / len(of_class) == pytest.approx(acc, abs=1e-6)
+
+
+def test_unreadable_files_are_reported_not_fatal(trained_run: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "photos"
+    good = [
+        write_image(folder / "a.png", 1),
+        write_image(folder / "deep" / "er" / "b.jpg", 2),  # folders are searched recursively
+    ]
+    (folder / "notes.txt").write_text("not a photo")
+    (folder / "empty.jpg").write_bytes(b"")
+    truncated = folder / "truncated.jpg"
+    truncated.write_bytes(write_image(tmp_path / "full.jpg", 3, (200, 200)).read_bytes()[:300])
+    (folder / "fake.png").write_text("<html>not found</html>")
+    real = shutil.copy(next((HYMENOPTERA / "val" / "ants").iterdir()), tmp_path / "ant.jpg")
+    missing = tmp_path / "nowhere.jpg"
+
+    report = predict_paths(trained_run, [folder, real, missing], top_k=5, progress=False)
+
+    assert sorted(p.path for p in report.predictions) == sorted(map(str, [*good, real]))
+    for p in report.predictions:
+        assert [c for c, _ in p.top] in (["ants", "bees"], ["bees", "ants"])  # top-5 of 2 classes
+        assert sum(prob for _, prob in p.top) == pytest.approx(1.0, abs=1e-5)
+    reasons = {Path(s.path).name: s.reason for s in report.skipped}
+    assert reasons["notes.txt"] == "not an image file (.txt)"
+    assert reasons["empty.jpg"] == "empty file"
+    assert reasons["truncated.jpg"].startswith("does not decode")
+    assert reasons["fake.png"].startswith("does not decode")
+    assert reasons["nowhere.jpg"] == "no such file or directory"
+    assert len(report.skipped) == 5
+
+    data = json.loads(write_json(report, tmp_path / "out" / "p.json").read_text())
+    assert [p["path"] for p in data["predictions"]] == [p.path for p in report.predictions]
+    assert data["predictions"][0]["top"][0].keys() == {"class", "probability"}
+    assert {s["path"] for s in data["skipped"]} == {s.path for s in report.skipped}
+    with write_csv(report, tmp_path / "out" / "p.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["path", "error", "class_1", "prob_1", "class_2", "prob_2"]
+    assert len(rows) == 3 + 5
+    assert rows[0]["class_1"] == report.predictions[0].top[0][0]
+    assert float(rows[0]["prob_1"]) == pytest.approx(report.predictions[0].top[0][1], abs=1e-6)
+    assert {r["error"] for r in rows[3:]} == {s.reason for s in report.skipped}
+
+
+def test_tta_averages_logits_of_the_image_and_its_mirror(trained_run: Path) -> None:
+    photo = sorted((HYMENOPTERA / "val" / "bees").iterdir())[0]
+    predictor = Predictor.from_checkpoint(trained_run)
+    x = predictor.load(photo)[None]
+    with torch.inference_mode():
+        plain = predictor.model(x)
+        mirrored = predictor.model(torch.flip(x, dims=[3]))
+    expected = ((plain + mirrored) / 2).softmax(dim=1)[0]
+    assert float((plain - mirrored).abs().max()) > 1e-3  # the mirror really changes the logits
+
+    with_tta = predict_paths(predictor, [photo], top_k=2, tta=True, progress=False)
+    without = predict_paths(predictor, [photo], top_k=2, tta=False, progress=False)
+    got = dict(with_tta.predictions[0].top)
+    for index, name in enumerate(predictor.class_names):
+        assert got[name] == pytest.approx(float(expected[index]), abs=1e-5)
+    assert dict(without.predictions[0].top)["ants"] == pytest.approx(
+        float(plain.softmax(dim=1)[0, 0]), abs=1e-5
+    )
+    assert with_tta.tta and not without.tta
+
+
+def test_cli_predict_prints_a_table_and_writes_files(trained_run: Path, tmp_path: Path) -> None:
+    photos = sorted((HYMENOPTERA / "val" / "ants").iterdir())[:3]  # few: the CLI is the subject
+    json_out, csv_out = tmp_path / "p.json", tmp_path / "p.csv"
+    result = CliRunner().invoke(
+        app,
+        ["predict", str(trained_run), *map(str, photos), "--top-k", "2", "--tta", "--batch-size", "2",
+         "--json", str(json_out), "--csv", str(csv_out)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "Predictions (" in result.output and "top class" in result.output
+    n = len(photos)
+    assert len(json.loads(json_out.read_text())["predictions"]) == n
+    assert len(csv_out.read_text().splitlines()) == n + 1
+
+    bad = CliRunner().invoke(app, ["predict", str(tmp_path / "no_run"), str(photos[0])])
+    assert bad.exit_code == 2
+    assert "no such checkpoint file or run directory" in bad.output
