@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -30,7 +30,10 @@ def _setup_logging(verbose: bool) -> None:
         handlers=[RichHandler(console=console, show_path=False, show_time=False)],
         force=True,
     )
-    # Lightning's own INFO chatter (GPU available..., LOCAL_RANK...) drowns the useful lines.
+    # Lightning installs its own INFO handler when imported (GPU available..., tips); import it
+    # now so its messages go through ours instead, and only when they matter.
+    import lightning.pytorch  # noqa: F401
+
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
         logger = logging.getLogger(name)
         logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
@@ -82,120 +85,195 @@ def _print_results(results: dict, run_dir: Path | None = None) -> None:
         out.print(f"run directory: {run_dir}")
 
 
-# Options shared by `train` and `demo`; None means "not given" so YAML values are not overridden.
+# Options shared by `train`, `compare` and `demo`. None means "not given", so a value from the
+# --config YAML file is not overridden; the defaults live in config.TrainConfig.
+def _opt(*names: str, help: str) -> typer.models.OptionInfo:  # noqa: A002 - Typer's name
+    return typer.Option(*names, help=help)
+
+
 DataOpt = Annotated[
-    str | None,
-    typer.Option("--data", help="dataset root: nature_12K, train/+val/ or class folders"),
+    str | None, _opt("--data", help="dataset root: nature_12K, train/+val/ or class folders")
+]
+ConfigOpt = Annotated[
+    Path | None, _opt("--config", help="YAML file of options (names as below, with _)")
 ]
 BackboneOpt = Annotated[
-    str | None,
-    typer.Option("--backbone", help="torchvision or timm model name [default: resnet50]"),
+    str | None, _opt("--backbone", help="torchvision or timm model name [default: resnet50]")
 ]
 WeightsOpt = Annotated[
     str | None,
-    typer.Option(
-        "--weights", help="weights name (IMAGENET1K_V1), file path, or 'none' [default: DEFAULT]"
+    _opt("--weights", help="weights name (IMAGENET1K_V1), file path, or 'none' [default: DEFAULT]"),
+]
+StrategyOpt = Annotated[
+    str | None,
+    _opt(
+        "--strategy",
+        help="freeze_last, freeze_k_percent, freeze_except_bn_and_fc, none [default: freeze_except_bn_and_fc]",
     ),
 ]
-EpochsOpt = Annotated[int | None, typer.Option("--epochs", help="training epochs [default: 10]")]
+FreezePercentOpt = Annotated[
+    float | None,
+    _opt(
+        "--freeze-percent",
+        help="fraction of backbone tensors frozen by freeze_k_percent [default: 0.25]",
+    ),
+]
+FrozenBnOpt = Annotated[
+    str | None,
+    _opt(
+        "--frozen-bn",
+        help="frozen BatchNorm layers: eval (keep ImageNet stats) or train (update, as the seed) [default: eval]",
+    ),
+]
+EpochsOpt = Annotated[int | None, _opt("--epochs", help="training epochs [default: 10]")]
+BatchSizeOpt = Annotated[int | None, _opt("--batch-size", help="[default: 32]")]
+LrOpt = Annotated[float | None, _opt("--lr", help="learning rate [default: 0.001]")]
+OptimizerOpt = Annotated[str | None, _opt("--optimizer", help="adam, adamw or sgd [default: adam]")]
+WeightDecayOpt = Annotated[float | None, _opt("--weight-decay", help="[default: 0]")]
 ImgSizeOpt = Annotated[
+    int | None, _opt("--img-size", help="input size in pixels [default: weights preset, 224]")
+]
+AugmentOpt = Annotated[
+    bool | None, _opt("--augment/--no-augment", help="augment the training subset [default: on]")
+]
+ValFractionOpt = Annotated[
+    float | None,
+    _opt("--val-fraction", help="share of train/ held out for validation [default: 0.2]"),
+]
+TestFractionOpt = Annotated[
+    float | None,
+    _opt("--test-fraction", help="share held out for test, flat folders only [default: 0.2]"),
+]
+SeedOpt = Annotated[
     int | None,
-    typer.Option("--img-size", help="input size in pixels [default: weights preset, 224]"),
+    _opt("--seed", help="seeds splits, weights init, augmentation, workers [default: 42]"),
 ]
+WorkersOpt = Annotated[
+    int | None, _opt("--num-workers", help="DataLoader workers [default: CPU count, max 8]")
+]
+AcceleratorOpt = Annotated[
+    str | None, _opt("--accelerator", help="auto, cpu, cuda, mps [default: auto]")
+]
+DevicesOpt = Annotated[str | None, _opt("--devices", help="Lightning devices [default: auto]")]
+PrecisionOpt = Annotated[
+    str | None, _opt("--precision", help="auto, 32-true, bf16-mixed, 16-mixed [default: auto]")
+]
+ChannelsLastOpt = Annotated[
+    bool | None, _opt("--channels-last/--no-channels-last", help="[default: auto]")
+]
+WandbOpt = Annotated[
+    bool | None,
+    _opt(
+        "--wandb/--no-wandb",
+        help="log to Weights & Biases (WANDB_MODE=offline works) [default: off]",
+    ),
+]
+WandbProjectOpt = Annotated[str | None, _opt("--wandb-project", help="[default: inat-finetune]")]
 OutputOpt = Annotated[
-    str | None, typer.Option("--output", help="directory of run directories [default: runs]")
+    str | None, _opt("--output", help="directory of run directories [default: runs]")
 ]
+RunNameOpt = Annotated[
+    str | None, _opt("--run-name", help="run directory name [default: backbone-strategy]")
+]
+
+
+def _config_from(options: dict[str, Any]) -> Any:
+    from inat_finetune.config import load_config
+
+    config = options.pop("config", None)
+    return load_config(config, **options)
 
 
 @app.command()
 def train(
     data: DataOpt = None,
-    config: Annotated[
-        Path | None,
-        typer.Option("--config", help="YAML file of options (option names as below, with _)"),
-    ] = None,
+    config: ConfigOpt = None,
     backbone: BackboneOpt = None,
     weights: WeightsOpt = None,
-    strategy: Annotated[
-        str | None,
-        typer.Option(
-            help="freeze_last, freeze_k_percent, freeze_except_bn_and_fc, none [default: freeze_except_bn_and_fc]"
-        ),
-    ] = None,
-    freeze_percent: Annotated[
-        float | None,
-        typer.Option(
-            help="fraction of backbone tensors frozen by freeze_k_percent [default: 0.25]"
-        ),
-    ] = None,
-    frozen_bn: Annotated[
-        str | None,
-        typer.Option(
-            help="frozen BatchNorm layers: eval (keep ImageNet stats) or train (update, as the seed) [default: eval]"
-        ),
-    ] = None,
+    strategy: StrategyOpt = None,
+    freeze_percent: FreezePercentOpt = None,
+    frozen_bn: FrozenBnOpt = None,
     epochs: EpochsOpt = None,
-    batch_size: Annotated[int | None, typer.Option(help="[default: 32]")] = None,
-    lr: Annotated[float | None, typer.Option(help="learning rate [default: 0.001]")] = None,
-    optimizer: Annotated[
-        str | None, typer.Option(help="adam, adamw or sgd [default: adam]")
-    ] = None,
-    weight_decay: Annotated[float | None, typer.Option(help="[default: 0]")] = None,
+    batch_size: BatchSizeOpt = None,
+    lr: LrOpt = None,
+    optimizer: OptimizerOpt = None,
+    weight_decay: WeightDecayOpt = None,
     img_size: ImgSizeOpt = None,
-    augment: Annotated[
-        bool | None,
-        typer.Option("--augment/--no-augment", help="augment the training subset [default: on]"),
-    ] = None,
-    val_fraction: Annotated[
-        float | None, typer.Option(help="share of train/ held out for validation [default: 0.2]")
-    ] = None,
-    test_fraction: Annotated[
-        float | None, typer.Option(help="share held out for test, flat folders only [default: 0.2]")
-    ] = None,
-    seed: Annotated[
-        int | None,
-        typer.Option(help="seeds splits, weights init, augmentation, workers [default: 42]"),
-    ] = None,
-    num_workers: Annotated[
-        int | None, typer.Option(help="DataLoader workers [default: CPU count, max 8]")
-    ] = None,
-    accelerator: Annotated[
-        str | None, typer.Option(help="auto, cpu, cuda, mps [default: auto]")
-    ] = None,
-    devices: Annotated[str | None, typer.Option(help="Lightning devices [default: auto]")] = None,
-    precision: Annotated[
-        str | None, typer.Option(help="auto, 32-true, bf16-mixed, 16-mixed [default: auto]")
-    ] = None,
-    channels_last: Annotated[
-        bool | None, typer.Option("--channels-last/--no-channels-last", help="[default: auto]")
-    ] = None,
-    wandb: Annotated[
-        bool | None,
-        typer.Option(
-            "--wandb/--no-wandb",
-            help="log to Weights & Biases (WANDB_MODE=offline works) [default: off]",
-        ),
-    ] = None,
-    wandb_project: Annotated[str | None, typer.Option(help="[default: inat-finetune]")] = None,
+    augment: AugmentOpt = None,
+    val_fraction: ValFractionOpt = None,
+    test_fraction: TestFractionOpt = None,
+    seed: SeedOpt = None,
+    num_workers: WorkersOpt = None,
+    accelerator: AcceleratorOpt = None,
+    devices: DevicesOpt = None,
+    precision: PrecisionOpt = None,
+    channels_last: ChannelsLastOpt = None,
+    wandb: WandbOpt = None,
+    wandb_project: WandbProjectOpt = None,
     output: OutputOpt = None,
-    run_name: Annotated[
-        str | None, typer.Option(help="run directory name [default: backbone-strategy]")
-    ] = None,
+    run_name: RunNameOpt = None,
 ) -> None:
     """Fine-tune a pretrained backbone, keep the best checkpoint by val accuracy, and test it."""
-    from inat_finetune.config import load_config
+    options = dict(locals())
     from inat_finetune.training import train as run_training
 
-    options = {
-        k: v for k, v in locals().items() if k not in ("config", "load_config", "run_training")
-    }
     try:
-        cfg = load_config(config, **options)
-        result = run_training(cfg, progress=True)
+        result = run_training(_config_from(options), progress=True)
     except UserError as exc:
         _fail(str(exc))
         return
     _print_results(result.results, result.run_dir)
+
+
+def _print_comparison(result: Any) -> None:
+    from inat_finetune.comparison import comparison_markdown
+
+    out.print(comparison_markdown(result.comparison), markup=False, highlight=False, soft_wrap=True)
+    out.print(f"comparison directory: {result.comparison_dir}")
+    out.print(f"report: {result.comparison_dir / 'report.html'}")
+
+
+@app.command()
+def compare(
+    data: DataOpt = None,
+    strategies: Annotated[
+        str, typer.Option(help="comma-separated strategies to compare")
+    ] = "freeze_last,freeze_k_percent,freeze_except_bn_and_fc",
+    then_train_epochs: Annotated[
+        int | None, typer.Option(help="then train the winner (by val accuracy) this many epochs")
+    ] = None,
+    config: ConfigOpt = None,
+    backbone: BackboneOpt = None,
+    weights: WeightsOpt = None,
+    freeze_percent: FreezePercentOpt = None,
+    frozen_bn: FrozenBnOpt = None,
+    epochs: EpochsOpt = None,
+    batch_size: BatchSizeOpt = None,
+    lr: LrOpt = None,
+    optimizer: OptimizerOpt = None,
+    weight_decay: WeightDecayOpt = None,
+    img_size: ImgSizeOpt = None,
+    augment: AugmentOpt = None,
+    seed: SeedOpt = None,
+    num_workers: WorkersOpt = None,
+    accelerator: AcceleratorOpt = None,
+    precision: PrecisionOpt = None,
+    wandb: WandbOpt = None,
+    wandb_project: WandbProjectOpt = None,
+    output: OutputOpt = None,
+) -> None:
+    """Train several freezing strategies on one split, pick the best by val accuracy, report."""
+    options = dict(locals())
+    from inat_finetune.comparison import compare as run_comparison
+    from inat_finetune.comparison import parse_strategies
+
+    chosen, longer = options.pop("strategies"), options.pop("then_train_epochs")
+    try:
+        result = run_comparison(_config_from(options), parse_strategies(chosen), longer)
+    except UserError as exc:
+        _fail(str(exc))
+        return
+    _print_comparison(result)
 
 
 @app.command()
@@ -256,37 +334,53 @@ def list_backbones(
 
 @app.command()
 def demo(
-    data: DataOpt = None,
-    backbone: BackboneOpt = None,
+    data: Annotated[
+        str | None, _opt("--data", help="local data instead of the nature_12K subset download")
+    ] = None,
+    backbone: Annotated[
+        str, _opt("--backbone", help="torchvision or timm model name")
+    ] = "resnet50",
     weights: WeightsOpt = None,
-    epochs: Annotated[int, typer.Option(help="training epochs")] = 3,
-    img_size: Annotated[int, typer.Option(help="input size in pixels")] = 160,
-    output: Annotated[str, typer.Option(help="directory of run directories")] = "runs",
+    epochs: Annotated[int, _opt("--epochs", help="training epochs per strategy")] = 3,
+    img_size: Annotated[int, _opt("--img-size", help="input size in pixels")] = 160,
+    subset: Annotated[
+        int, _opt("--subset", help="nature_12K training images per class to fetch")
+    ] = 40,
+    test_subset: Annotated[
+        int, _opt("--test-subset", help="nature_12K test images per class")
+    ] = 10,
+    dest: Annotated[Path, _opt("--dest", help="where the nature_12K subset goes")] = Path("data"),
+    output: Annotated[str, _opt("--output", help="directory of run directories")] = "runs",
 ) -> None:
-    """A small end-to-end run: train (BatchNorm + head), test, and print the results."""
-    from inat_finetune.config import load_config
-    from inat_finetune.training import train as run_training
+    """The main job in one command: data, the three-strategy comparison, and the report.
 
-    if data is None:
-        _fail("--data is required for now: pass a folder of class folders or a train/ + val/ root")
-        return
+    Without --data it fetches a small subset of nature_12K (HTTP range reads, not the 3.6 GB
+    archive); with --data it runs on local images.
+    """
+    from inat_finetune.comparison import SEED_STRATEGIES
+    from inat_finetune.comparison import compare as run_comparison
+    from inat_finetune.config import load_config
+
     try:
+        if data is None:
+            from inat_finetune.download import NATURE12K_URL, download_subset
+
+            data = str(download_subset(NATURE12K_URL, dest, subset, test_subset).root)
         cfg = load_config(
             None,
             data=data,
-            backbone=backbone or "resnet50",
+            backbone=backbone,
             weights=weights,
             epochs=epochs,
             img_size=img_size,
             output=output,
-            strategy="freeze_except_bn_and_fc",
             run_name="demo",
         )
-        result = run_training(cfg)
+        result = run_comparison(cfg, SEED_STRATEGIES)
     except UserError as exc:
         _fail(str(exc))
         return
-    _print_results(result.results, result.run_dir)
+    _print_comparison(result)
 
 
 @app.command()

@@ -66,6 +66,7 @@ class TrainConfig(BaseModel):
     )
     wandb: bool = False
     wandb_project: str = "inat-finetune"
+    wandb_group: str | None = Field(None, description="W&B group (compare sets one per comparison)")
 
     @field_validator("strategy")
     @classmethod

@@ -27,7 +27,7 @@ import lightning as L
 import torch
 import torchmetrics
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from torch import nn
 
 from inat_finetune.config import TrainConfig
@@ -207,13 +207,12 @@ class RunResult:
 def build_loggers(config: TrainConfig, run_dir: Path) -> list[Logger]:
     loggers: list[Logger] = [CSVLogger(save_dir=run_dir, name="", version="")]
     if config.wandb:
-        from lightning.pytorch.loggers import WandbLogger
-
         loggers.append(
             WandbLogger(
                 project=config.wandb_project,
                 name=run_dir.name,
                 save_dir=str(run_dir),
+                group=config.wandb_group,
                 config=config.to_yaml_dict(),
             )
         )
@@ -251,7 +250,12 @@ def guard_test_set(split: DataSplit) -> DataSplit:
     return split
 
 
-def train(config: TrainConfig, split: DataSplit | None = None, progress: bool = True) -> RunResult:
+def train(
+    config: TrainConfig,
+    split: DataSplit | None = None,
+    progress: bool = True,
+    report: bool = True,
+) -> RunResult:
     """Run one fine-tuning experiment end to end; see the module docstring for its outputs."""
     from inat_finetune.errors import UserError
 
@@ -339,7 +343,7 @@ def train(config: TrainConfig, split: DataSplit | None = None, progress: bool = 
             weights_only=True,
         )
     test_time = time.perf_counter() - started
-    report = module.test_report
+    test_report = module.test_report
     results = {
         "backbone": config.backbone,
         "weights": built.weights,
@@ -354,8 +358,8 @@ def train(config: TrainConfig, split: DataSplit | None = None, progress: bool = 
         "best_val_acc": float(checkpoint.best_model_score),
         "test_acc": float(tested[0]["test/acc"]),
         "test_loss": float(tested[0]["test/loss"]),
-        "per_class_test_acc": dict(zip(split.classes, report["per_class_acc"], strict=True)),
-        "confusion_matrix": report["confusion_matrix"],
+        "per_class_test_acc": dict(zip(split.classes, test_report["per_class_acc"], strict=True)),
+        "confusion_matrix": test_report["confusion_matrix"],
         "class_names": split.classes,
         "num_images": {k: sum(v.values()) for k, v in split.counts().items()},
         "skipped_files": len(split.skipped),
@@ -366,15 +370,59 @@ def train(config: TrainConfig, split: DataSplit | None = None, progress: bool = 
         "channels_last": channels_last,
         "checkpoint": str(Path(checkpoint.best_model_path).relative_to(run_dir)),
     }
-    write_predictions(run_dir / "test_predictions.csv", split, report["probabilities"])
+    write_predictions(run_dir / "test_predictions.csv", split, test_report["probabilities"])
     write_json_atomic(run_dir / "results.json", results)
+    figures: dict[str, Path] = {}
+    if report:
+        from inat_finetune.plots import make_run_figures
+        from inat_finetune.report import write_report
+
+        figures = make_run_figures(run_dir)
+        write_report(run_dir)
     for lg in trainer.loggers:
-        if lg.__class__.__name__ == "WandbLogger":
-            lg.experiment.summary.update(
-                {k: v for k, v in results.items() if isinstance(v, (int, float))}
-            )
-            lg.experiment.finish()
+        if isinstance(lg, WandbLogger):
+            log_final_to_wandb(lg, results, figures, run_dir / "test_predictions.csv")
     return RunResult(run_dir=run_dir, results=results)
+
+
+def log_final_to_wandb(
+    logger: WandbLogger, results: dict[str, Any], figures: dict[str, Path], predictions: Path
+) -> None:
+    """Final test metrics in the run summary; figures as images; predictions as a table."""
+    import csv
+
+    import wandb
+
+    run = logger.experiment
+    run.summary.update(
+        {
+            f"final/{k}": v
+            for k, v in results.items()
+            if isinstance(v, (int, float)) and v is not None
+        }
+    )
+    run.summary.update({f"test_acc/{k}": v for k, v in results["per_class_test_acc"].items()})
+    images = {f"figures/{name}": wandb.Image(str(path)) for name, path in figures.items()}
+    if images:
+        run.log(images)
+    with predictions.open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    if rows:
+        run.log({"test_predictions": wandb.Table(columns=rows[0], data=rows[1:])})
+    run.log(
+        {
+            "confusion_matrix": wandb.Table(
+                columns=["true", *results["class_names"]],
+                data=[
+                    [name, *counts]
+                    for name, counts in zip(
+                        results["class_names"], results["confusion_matrix"], strict=True
+                    )
+                ],
+            )
+        }
+    )
+    run.finish()
 
 
 def write_predictions(path: Path, split: DataSplit, probabilities: torch.Tensor) -> Path:
