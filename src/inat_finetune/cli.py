@@ -350,6 +350,7 @@ def demo(
         int, _opt("--test-subset", help="nature_12K test images per class")
     ] = 10,
     dest: Annotated[Path, _opt("--dest", help="where the nature_12K subset goes")] = Path("data"),
+    url: Annotated[str | None, _opt("--url", help="nature_12K zip URL (a mirror)")] = None,
     output: Annotated[str, _opt("--output", help="directory of run directories")] = "runs",
 ) -> None:
     """The main job in one command: data, the three-strategy comparison, and the report.
@@ -365,7 +366,13 @@ def demo(
         if data is None:
             from inat_finetune.download import NATURE12K_URL, download_subset
 
-            data = str(download_subset(NATURE12K_URL, dest, subset, test_subset).root)
+            try:
+                data = str(download_subset(url or NATURE12K_URL, dest, subset, test_subset).root)
+            except UserError as exc:
+                raise UserError(
+                    f"{exc}. To try the tool offline, pass local images: "
+                    "--data PATH (make demo DATA=PATH BACKBONE=mobilenet_v2)"
+                ) from None
         cfg = load_config(
             None,
             data=data,
