@@ -16,7 +16,13 @@ from inat_finetune.data import DataSplit, FineTuneDataModule, make_split
 from inat_finetune.errors import UserError
 from inat_finetune.models import Preprocessing, get_model
 from inat_finetune.runfiles import write_json_atomic
-from inat_finetune.training import CARD_KEY, FineTuneModule, resolve_accelerator, resolve_precision
+from inat_finetune.training import (
+    CARD_KEY,
+    FineTuneModule,
+    resolve_accelerator,
+    resolve_channels_last,
+    resolve_precision,
+)
 
 
 def find_checkpoint(run_or_ckpt: str | Path) -> Path:
@@ -96,8 +102,8 @@ def evaluate(
     split = _remap_to_checkpoint_classes(split, card["class_names"])
     preprocessing = Preprocessing.from_dict(card["preprocessing"])
     datamodule = FineTuneDataModule(split, preprocessing, batch_size, num_workers, augment=False)
-    module = FineTuneModule(model, card)
     acc = resolve_accelerator(accelerator)
+    module = FineTuneModule(model, card, channels_last=resolve_channels_last(None, acc))
     trainer = L.Trainer(
         accelerator=acc,
         devices=1,

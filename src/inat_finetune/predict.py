@@ -25,6 +25,7 @@ from inat_finetune.data import IMAGE_EXTENSIONS, SkippedFile, build_eval_transfo
 from inat_finetune.evaluation import find_checkpoint, load_checkpoint
 from inat_finetune.models import Preprocessing
 from inat_finetune.runfiles import write_json_atomic, write_text_atomic
+from inat_finetune.training import resolve_precision
 
 
 @dataclass
@@ -62,7 +63,9 @@ class PredictionReport:
 class Predictor:
     """A loaded checkpoint plus its preprocessing; shared by ``predict`` and ``serve``."""
 
-    def __init__(self, model: nn.Module, card: dict[str, Any], checkpoint: str = "") -> None:
+    def __init__(
+        self, model: nn.Module, card: dict[str, Any], checkpoint: str = "", precision: str = "auto"
+    ) -> None:
         # Channels-last runs depthwise convolutions (MobileNet, EfficientNet) several times
         # faster on CPU, as training does; results agree with NCHW to float rounding.
         self.model = model.eval().to(memory_format=torch.channels_last)
@@ -71,6 +74,9 @@ class Predictor:
         self.class_names: list[str] = list(card["class_names"])
         self.preprocessing = Preprocessing.from_dict(card["preprocessing"])
         self.transform = build_eval_transform(self.preprocessing)
+        # The same arithmetic as training's test phase and `evaluate` (bf16 autocast where the
+        # CPU computes it natively), so all three agree image for image.
+        self.bf16 = resolve_precision(precision, "cpu") == "bf16-mixed"
 
     @classmethod
     def from_checkpoint(cls, run_or_ckpt: str | Path) -> Predictor:
@@ -88,12 +94,13 @@ class Predictor:
     def logits(self, batch: torch.Tensor, tta: bool = False) -> torch.Tensor:
         """Logits for a preprocessed batch; with ``tta`` averaged with the mirrored batch."""
         batch = batch.contiguous(memory_format=torch.channels_last)
-        logits = self.model(batch).float()
-        if tta:
-            # A photo of an animal is as valid mirrored; averaging the two views smooths out
-            # predictions that hinge on left/right placement.
-            mirrored = batch.flip(dims=[3]).contiguous(memory_format=torch.channels_last)
-            logits = (logits + self.model(mirrored).float()) / 2
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            logits = self.model(batch).float()
+            if tta:
+                # A photo of an animal is as valid mirrored; averaging the two views smooths
+                # out predictions that hinge on left/right placement.
+                mirrored = batch.flip(dims=[3]).contiguous(memory_format=torch.channels_last)
+                logits = (logits + self.model(mirrored).float()) / 2
         return logits
 
     def top(self, logits: torch.Tensor, top_k: int) -> list[list[tuple[str, float]]]:
