@@ -169,12 +169,13 @@ def _tile_grid(
     return fig, axes, rows, cols
 
 
-def _pct(value: Any) -> str:
+def percent(value: Any, digits: int = 1) -> str:
+    """A fraction as a percentage; "n/a" for missing or NaN values (unfinished runs)."""
     try:
         number = float(value)
     except (TypeError, ValueError):
         return "n/a"
-    return "n/a" if math.isnan(number) else f"{100 * number:.1f}%"
+    return "n/a" if math.isnan(number) else f"{100 * number:.{digits}f}%"
 
 
 def _default_out(run_dir: str | Path, name: str, out: str | Path | None) -> Path:
@@ -307,7 +308,7 @@ def plot_confusion(run_dir: str | Path, out: str | Path | None = None) -> Path:
                         color="white" if matrix[i, j] > 0.5 * top else "black",
                     )
     fig.suptitle(
-        f"Test confusion matrix ({int(counts.sum())} images, accuracy {_pct(results.get('test_acc'))})",
+        f"Test confusion matrix ({int(counts.sum())} images, accuracy {percent(results.get('test_acc'))})",
         fontsize=13,
         fontweight="bold",
     )
@@ -337,7 +338,7 @@ def plot_per_class_accuracy(run_dir: str | Path, out: str | Path | None = None) 
     ax.invert_yaxis()
     for y, (name, value) in enumerate(zip(classes, values, strict=True)):
         right, total = support.get(name, (None, None))
-        label = _pct(value) + (f"  ({right}/{total})" if total else "")
+        label = percent(value) + (f"  ({right}/{total})" if total else "")
         # A white box keeps the label readable where the overall-accuracy line crosses it.
         ax.text(
             min(value, 1.0) + 0.01,
@@ -351,7 +352,7 @@ def plot_per_class_accuracy(run_dir: str | Path, out: str | Path | None = None) 
     overall = results.get("test_acc")
     if overall is not None:
         ax.axvline(
-            float(overall), color="#c44e52", linestyle="--", label=f"overall {_pct(overall)}"
+            float(overall), color="#c44e52", linestyle="--", label=f"overall {percent(overall)}"
         )
         # Below the axes: inside, it would cover the labels of the last bars.
         fig.legend(loc="outside lower center", frameon=False)
@@ -475,7 +476,7 @@ def plot_comparison(comparison_dir: str | Path, out: str | Path | None = None) -
             ax.text(
                 bar.get_x() + bar.get_width() / 2,
                 (0 if math.isnan(value) else value) + 0.01,
-                _pct(value),
+                percent(value),
                 ha="center",
                 va="bottom",
                 fontsize=8,

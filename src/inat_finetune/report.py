@@ -79,11 +79,7 @@ def esc(value: Any) -> str:
 
 
 def _pct(value: Any) -> str:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return "n/a"
-    return "n/a" if math.isnan(number) else f"{100 * number:.2f}%"
+    return plots.percent(value, digits=2)
 
 
 def _int(value: Any) -> str:
