@@ -67,6 +67,14 @@ class TrainConfig(BaseModel):
     wandb: bool = False
     wandb_project: str = "inat-finetune"
     wandb_group: str | None = Field(None, description="W&B group (compare sets one per comparison)")
+    checkpoint_steps: int | None = Field(
+        None, ge=1, description="also write last.ckpt every N training steps (overrides minutes)"
+    )
+    checkpoint_minutes: float | None = Field(
+        10.0,
+        ge=0,
+        description="also write last.ckpt every N minutes of training (0: epoch ends only)",
+    )
 
     @field_validator("strategy")
     @classmethod
