@@ -35,7 +35,9 @@ class ResumableSampler(Sampler):
         self.num_samples = num_samples
         self.seed = seed
         self.epoch = 0
-        self.start = 0  # samples of this epoch already trained on; used by the next __iter__
+        # (epoch, samples of it already trained on): where the next __iter__ starts, if it is
+        # for that epoch. A resume can land on an epoch's end, and then the next one is whole.
+        self.resume_at: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         # Lightning calls this at the start of every epoch.
@@ -44,12 +46,16 @@ class ResumableSampler(Sampler):
     def __len__(self) -> int:
         return self.num_samples
 
+    def consume_start(self) -> int:
+        start = self.resume_at[1] if self.resume_at and self.resume_at[0] == self.epoch else 0
+        self.resume_at = None
+        return start
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
         generator = epoch_generator(self.seed, self.epoch)
         order = torch.randperm(self.num_samples, generator=generator).tolist()
         sample_seeds = torch.randint(0, 2**62, (self.num_samples,), generator=generator).tolist()
-        start, self.start = self.start, 0
-        for index in order[start:]:
+        for index in order[self.consume_start() :]:
             yield index, sample_seeds[index]
 
 
@@ -114,7 +120,10 @@ class ResumableLoader(DataLoader):
 
     def __iter__(self) -> Iterator[Any]:
         sampler: ResumableSampler = self.sampler  # type: ignore[assignment]
-        self._batches_done = sampler.start // self.batch_size  # type: ignore[operator]
+        resume_at = sampler.resume_at
+        self._batches_done = 0
+        if resume_at and resume_at[0] == sampler.epoch:
+            self._batches_done = resume_at[1] // self.batch_size  # type: ignore[operator]
         for batch in super().__iter__():
             self._batches_done += 1
             yield batch
@@ -125,6 +134,7 @@ class ResumableLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         sampler: ResumableSampler = self.sampler  # type: ignore[assignment]
-        sampler.set_epoch(int(state["epoch"]))
-        sampler.start = int(state["batches_done"]) * self.batch_size  # type: ignore[operator]
-        self._batches_done = int(state["batches_done"])
+        epoch, done = int(state["epoch"]), int(state["batches_done"])
+        sampler.set_epoch(epoch)
+        sampler.resume_at = (epoch, done * self.batch_size)  # type: ignore[operator]
+        self._batches_done = done

@@ -83,8 +83,9 @@ class FineTuneModule(L.LightningModule):
         self.criterion = nn.CrossEntropyLoss()
         accuracy = torchmetrics.classification.MulticlassAccuracy
         self.train_acc = accuracy(num_classes, average="micro")
-        # Epoch means of the training metrics are saved in checkpoints (persistent states), so
-        # an epoch resumed half-way reports what the uninterrupted epoch would have.
+        # The training metrics' running sums are saved in checkpoints (persistent states) and
+        # logged by on_train_epoch_end, so an epoch resumed from any checkpoint, even one taken
+        # mid-epoch, reports what the uninterrupted epoch would have.
         self.train_loss = torchmetrics.MeanMetric()
         self.train_acc.persistent(True)
         self.train_loss.persistent(True)
@@ -124,7 +125,6 @@ class FineTuneModule(L.LightningModule):
         loss = self.criterion(logits, labels)
         if stage == "train":
             self.train_loss.update(loss.detach(), weight=len(labels))
-            self.log("train/loss", self.train_loss, on_step=False, on_epoch=True)
             return loss, logits, labels
         self.log(
             f"{stage}/loss",
@@ -138,9 +138,14 @@ class FineTuneModule(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss, logits, labels = self._shared_step(batch, "train")
-        self.train_acc(logits, labels)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        self.train_acc.update(logits, labels)
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.log("train/loss", self.train_loss.compute())
+        self.log("train/acc", self.train_acc.compute(), prog_bar=True)
+        self.train_loss.reset()
+        self.train_acc.reset()
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         _, logits, labels = self._shared_step(batch, "val")
@@ -344,6 +349,7 @@ def train(
         save_last=True,
         auto_insert_metric_name=False,
         enable_version_counter=False,  # last.ckpt is shared with the periodic checkpoint
+        save_on_train_epoch_end=False,
     )
     periodic = periodic_last_checkpoint(
         run_dir / "checkpoints", config.checkpoint_steps, config.checkpoint_minutes
