@@ -16,8 +16,8 @@ import torch
 from conftest import ROOT, make_class_folders
 from typer.testing import CliRunner
 
-from inat_finetune.checkpointing import read_checkpoint
 from inat_finetune import training
+from inat_finetune.checkpointing import read_checkpoint
 from inat_finetune.cli import app
 from inat_finetune.config import load_config
 from inat_finetune.errors import UserError
