@@ -52,14 +52,12 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Weights only load failed" in str(exc):
+        if "Unsupported global" in str(exc):  # a class or function, not a corrupt byte
             raise UserError(
                 f"{path}: refused; it holds Python objects besides tensors and plain values, and "
                 "loading those could run code. Use a checkpoint written by inat-finetune"
             ) from None
-        raise UserError(
-            f"{path}: not a readable checkpoint (corrupt?): {_first_line(exc)}"
-        ) from None
+        raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt?)") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         raise UserError(
             f"{path}: not a readable checkpoint (truncated or corrupt?): {_first_line(exc)}"
