@@ -118,6 +118,30 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(data, uninterru
     assert not list(run.rglob("*.tmp"))
 
 
+def test_sigterm_saves_the_current_step_and_resume_matches(
+    data, uninterrupted, tmp_path, monkeypatch
+):
+    """A pre-empted machine gets SIGTERM: the run saves the step it is on and exits 143."""
+    step = training.FineTuneModule.training_step
+
+    def signalled(self, batch, batch_idx):
+        if self.global_step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler notes it; we go on
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(training.FineTuneModule, "training_step", signalled)
+    no_periodic = {**OPTIONS, "checkpoint_steps": None, "checkpoint_minutes": 0}
+    cfg = load_config(None, data=str(data), output=str(tmp_path), run_name="r", **no_periodic)
+    with pytest.raises(SystemExit) as info:
+        train(cfg, progress=False, report=False)
+    assert info.value.code == 128 + signal.SIGTERM
+    (run,) = tmp_path.iterdir()
+    assert read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 4
+    monkeypatch.undo()
+    resume_run(run, {}, progress=False)
+    _same_run(run, uninterrupted)
+
+
 def test_extending_a_finished_run_equals_training_longer(data, uninterrupted, tmp_path):
     cfg = load_config(
         None, data=str(data), output=str(tmp_path), run_name="r", **{**OPTIONS, "epochs": 1}

@@ -137,9 +137,14 @@ class ResumeState(Callback):
 
     The RNGs are put back just before the first resumed training step rather than at load
     time, so nothing Lightning does while it restarts can draw from them in between.
+
+    On SIGTERM (what a pre-empted machine gets before it is killed) Lightning stops after the
+    current batch; ``last.ckpt`` is written first, at the same point in the step as every
+    periodic save, so not even the steps since the last periodic checkpoint are lost.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, checkpoint_dir: Path) -> None:
+        self.last = Path(checkpoint_dir) / "last.ckpt"
         self._pending_rng: dict[str, Any] | None = None
 
     def on_save_checkpoint(
@@ -163,6 +168,17 @@ class ResumeState(Callback):
         if self._pending_rng is not None:
             restore_rng(self._pending_rng)
             self._pending_rng = None
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if trainer.received_sigterm:
+            trainer.save_checkpoint(self.last)
 
 
 class NonFiniteLossError(UserError):

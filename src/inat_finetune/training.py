@@ -17,6 +17,7 @@ accuracy, test that checkpoint, and write everything to a fresh run directory:
 from __future__ import annotations
 
 import logging
+import signal
 import time
 import warnings
 from dataclasses import dataclass
@@ -363,7 +364,7 @@ def train(
         callbacks=[
             checkpoint,
             *([periodic] if periodic else []),
-            ResumeState(),
+            ResumeState(run_dir / "checkpoints"),
             StopOnNonFiniteLoss(run_dir / "checkpoints"),
         ],
         plugins=[AtomicCheckpointIO()],
@@ -388,6 +389,9 @@ def train(
                 log.error(
                     "The run stopped; continue it with: inat-finetune train --resume %s", run_dir
                 )
+            if isinstance(exc, SystemExit) and not exc.code:
+                # Lightning stops on SIGTERM with exit status 0; a stopped run must not look done.
+                raise SystemExit(128 + signal.SIGTERM) from exc
             raise
         train_time = time.perf_counter() - started
         final_train_acc = float(trainer.callback_metrics.get("train/acc", float("nan")))
