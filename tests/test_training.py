@@ -145,6 +145,12 @@ def test_cli_train_with_config_file_and_evaluate(tmp_path):
         (["--strategy", "freeze_all"], "unknown strategy 'freeze_all'"),
         (["--freeze-percent", "2"], "freeze_percent=2.0"),
         (["--backbone", "resnet9000"], "--backbone resnet9000: unknown backbone"),
+        (["--freeze-percent", "-0.1"], "freeze_percent=-0.1: Input should be greater than"),
+        (["--optimizer", "rmsprop"], "optimizer='rmsprop': Input should be 'adam'"),
+        (["--precision", "15"], "--precision 15: unknown; use one of auto, 32-true"),
+        (["--accelerator", "tpu9"], "--accelerator tpu9: unknown; use one of auto"),
+        (["--devices", "two"], "--devices two: use auto, a count"),
+        (["--lr-rate", "3"], "No such option: --lr-rate"),
     ],
 )
 def test_cli_bad_input_is_one_line_error(tmp_path, args, message):

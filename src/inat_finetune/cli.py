@@ -7,14 +7,55 @@ import logging
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from inat_finetune.errors import UserError
+from inat_finetune.errors import UserError, one_line
+
+# --help, usage errors and Ctrl+C: Typer reports these itself. (Typer >= 0.20 vendors its own
+# Click, whose exceptions derive from TyperException; older Typer raises Click's.)
+_TYPER_EXITS = (
+    typer.Exit,
+    typer.Abort,
+    getattr(typer, "TyperException", typer.Exit),
+    click.exceptions.Exit,
+    click.ClickException,
+    click.Abort,
+)
+
+
+class _Commands(typer.core.TyperGroup):
+    """Runs every command so that no error reaches the user as a raw traceback.
+
+    A UserError becomes one line (exit 2). Anything unexpected becomes one line naming the
+    exception and a hint (exit 1); ``--verbose`` shows the full traceback instead.
+    """
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except _TYPER_EXITS:
+            raise
+        except UserError as exc:
+            _fail(str(exc))
+        except Exception as exc:
+            if ctx.params.get("verbose"):
+                raise
+            console.print(
+                f"[bold red]error:[/] unexpected {type(exc).__name__}: {one_line(str(exc))} "
+                "(this is a bug or an unhandled case; rerun with -v for the full traceback)",
+                highlight=False,
+                soft_wrap=True,
+                markup=True,
+            )
+            raise typer.Exit(code=1) from None
+
 
 app = typer.Typer(
+    cls=_Commands,
     add_completion=False,
     no_args_is_help=True,
     help="Fine-tune ImageNet-pretrained CNNs on iNaturalist nature_12K or any folder of classes.",
@@ -49,7 +90,7 @@ def main(
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {one_line(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -175,6 +216,26 @@ OutputOpt = Annotated[
 RunNameOpt = Annotated[
     str | None, _opt("--run-name", help="run directory name [default: backbone-strategy]")
 ]
+CheckpointStepsOpt = Annotated[
+    int | None,
+    _opt("--checkpoint-steps", help="also write last.ckpt every N training steps [default: off]"),
+]
+CheckpointMinutesOpt = Annotated[
+    float | None,
+    _opt(
+        "--checkpoint-minutes",
+        help="also write last.ckpt every N minutes of training, 0 for epoch ends only [default: 10]",
+    ),
+]
+ResumeOpt = Annotated[
+    Path | None,
+    _opt(
+        "--resume",
+        help="continue the stopped run in RUN_DIR from its last checkpoint, with its config and "
+        "split; only --epochs (to extend), --num-workers, --accelerator, --devices, --precision "
+        "and --checkpoint-* may change",
+    ),
+]
 
 
 def _config_from(options: dict[str, Any]) -> Any:
@@ -212,13 +273,22 @@ def train(
     wandb_project: WandbProjectOpt = None,
     output: OutputOpt = None,
     run_name: RunNameOpt = None,
+    checkpoint_steps: CheckpointStepsOpt = None,
+    checkpoint_minutes: CheckpointMinutesOpt = None,
+    resume: ResumeOpt = None,
 ) -> None:
     """Fine-tune a pretrained backbone, keep the best checkpoint by val accuracy, and test it."""
     options = dict(locals())
     from inat_finetune.training import train as run_training
 
+    resume_dir = options.pop("resume")
     try:
-        result = run_training(_config_from(options), progress=True)
+        if resume_dir is not None:
+            from inat_finetune.resume import resume_run
+
+            result = resume_run(resume_dir, options, progress=True)
+        else:
+            result = run_training(_config_from(options), progress=True)
     except UserError as exc:
         _fail(str(exc))
         return

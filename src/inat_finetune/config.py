@@ -19,7 +19,8 @@ from inat_finetune.freezing import STRATEGIES
 
 
 class TrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: lr=.inf or checkpoint_minutes=.nan in a YAML file are typos, refused.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     data: str | None = Field(
         None, description="dataset root (nature_12K, train/val[/test], or class folders)"
@@ -67,6 +68,14 @@ class TrainConfig(BaseModel):
     wandb: bool = False
     wandb_project: str = "inat-finetune"
     wandb_group: str | None = Field(None, description="W&B group (compare sets one per comparison)")
+    checkpoint_steps: int | None = Field(
+        None, ge=1, description="also write last.ckpt every N training steps (overrides minutes)"
+    )
+    checkpoint_minutes: float | None = Field(
+        10.0,
+        ge=0,
+        description="also write last.ckpt every N minutes of training (0: epoch ends only)",
+    )
 
     @field_validator("strategy")
     @classmethod
@@ -84,7 +93,7 @@ def _explain(error: ValidationError, source: str) -> str:
     option = ".".join(str(p) for p in first["loc"]) or "config"
     value = first.get("input")
     if first["type"] == "extra_forbidden":
-        return f"{source}: unknown option '{option}'; see `inat-finetune train --help`"
+        return f"{source}: unknown option {option!r}; see `inat-finetune train --help`"
     return f"{source}: {option}={value!r}: {first['msg']}"
 
 
@@ -99,6 +108,8 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise UserError(f"--config {path}: no such file") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"--config {path}: not a readable UTF-8 text file ({exc})") from None
         except yaml.YAMLError as exc:
             raise UserError(f"--config {path}: not valid YAML ({exc})".replace("\n", " ")) from None
         if loaded is not None and not isinstance(loaded, dict):

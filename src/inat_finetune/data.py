@@ -107,14 +107,17 @@ def _check_image(path: Path) -> str | None:
     try:
         if path.stat().st_size == 0:
             return "empty file"
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                # Reduced-size JPEG decoding reads every byte of the stream (so truncation is
-                # caught) at a fraction of the cost of a full decode.
-                img.draft("RGB", (64, 64))
-                img.load()
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        with Image.open(path) as img:
+            # Compared here, not by turning PIL's warning into an error: warning filters are
+            # process-wide, and this runs in threads that would undo each other's filters.
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit is not None and img.width * img.height > limit:
+                return f"over the pixel limit ({limit} pixels)"
+            # Reduced-size JPEG decoding reads every byte of the stream (so truncation is
+            # caught) at a fraction of the cost of a full decode.
+            img.draft("RGB", (64, 64))
+            img.load()
+    except Image.DecompressionBombError:
         return f"over the pixel limit ({Image.MAX_IMAGE_PIXELS} pixels)"
     except PermissionError:
         return "not readable (permission denied)"
@@ -123,13 +126,23 @@ def _check_image(path: Path) -> str | None:
     return None
 
 
-def _walk_files(folder: Path) -> list[Path]:
-    # followlinks=False: a symlink loop cannot trap the walk.
-    files = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if d not in IGNORED_DIR_NAMES)
+def _walk_files(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The files under ``folder``, and the folders left out and why (reported, never silent).
+
+    Symlinked folders are not followed, so a link to a parent cannot trap the walk.
+    """
+    files: list[Path] = []
+    left_out: list[tuple[Path, str]] = []
+
+    def unreadable(error: OSError) -> None:
+        left_out.append((Path(error.filename), f"folder not readable ({error.strerror})"))
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable, followlinks=False):
+        links = [d for d in dirnames if (Path(dirpath) / d).is_symlink()]
+        left_out.extend((Path(dirpath) / d, "symlinked folder, not followed") for d in links)
+        dirnames[:] = sorted(d for d in dirnames if d not in IGNORED_DIR_NAMES and d not in links)
         files.extend(Path(dirpath) / name for name in sorted(filenames))
-    return files
+    return files, left_out
 
 
 def scan_class_folders(
@@ -137,8 +150,25 @@ def scan_class_folders(
 ) -> tuple[dict[str, list[str]], list[SkippedFile]]:
     """Map each class folder of ``folder`` to its usable images (paths relative to data_root)."""
     classes = _visible_dirs(folder)
-    candidates = [(cls.name, path) for cls in classes for path in _walk_files(cls)]
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+    skipped = []
+    # A class folder that is a link to this folder or above it would hold every other class.
+    looping = [cls for cls in classes if folder.resolve().is_relative_to(cls.resolve())]
+    for cls in looping:
+        skipped.append(
+            SkippedFile(cls.relative_to(data_root).as_posix(), "symlink to a parent folder")
+        )
+    classes = [cls for cls in classes if cls not in looping]
+    candidates = []
+    for cls in classes:
+        files, left_out = _walk_files(cls)
+        candidates += [(cls.name, path) for path in files]
+        skipped += [SkippedFile(p.relative_to(data_root).as_posix(), why) for p, why in left_out]
+    # _check_image reports over-size images itself; the filter is set once, here, not per thread.
+    with (
+        ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool,
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         checks = pool.map(lambda item: _check_image(item[1]), candidates)
         if progress:
             from rich.progress import track
@@ -146,7 +176,6 @@ def scan_class_folders(
             checks = track(checks, total=len(candidates), description=f"Checking {folder.name}/")
         reasons = list(checks)
     by_class: dict[str, list[str]] = {cls.name: [] for cls in classes}
-    skipped = []
     for (name, path), reason in zip(candidates, reasons, strict=True):
         rel = path.relative_to(data_root).as_posix()
         if reason is None:
@@ -434,6 +463,17 @@ class FineTuneDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        if self.trainer is None or self.trainer.world_size == 1:
+            # Resumable mid-epoch, and augmented per sample under its own seed (see sampling).
+            from inat_finetune.sampling import ResumableLoader
+
+            return ResumableLoader(
+                self.dataset("train"),
+                self.batch_size,
+                self.seed,
+                self.num_workers,
+                pin_memory=torch.cuda.is_available(),
+            )
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from torch import nn
 
 from inat_finetune.data import DataSplit, FineTuneDataModule, make_split
@@ -42,14 +39,11 @@ def find_checkpoint(run_or_ckpt: str | Path) -> Path:
 
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the fine-tuned network from a checkpoint alone (no ImageNet download needed)."""
+    from inat_finetune.checkpointing import read_checkpoint
+
     path = Path(path)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as exc:
-        raise UserError(
-            f"{path}: not a readable checkpoint (truncated or corrupt?): {exc}"
-        ) from None
-    card = checkpoint.get(CARD_KEY) if isinstance(checkpoint, dict) else None
+    checkpoint = read_checkpoint(path)  # weights_only=True; one-line errors for bad files
+    card = checkpoint.get(CARD_KEY)
     if card is None:
         raise UserError(f"{path}: not an inat-finetune checkpoint (no '{CARD_KEY}' description)")
     built = get_model(card["backbone"], num_classes=len(card["class_names"]), weights=None)

@@ -17,6 +17,7 @@ accuracy, test that checkpoint, and write everything to a fresh run directory:
 from __future__ import annotations
 
 import logging
+import signal
 import time
 import warnings
 from dataclasses import dataclass
@@ -27,9 +28,17 @@ import lightning as L
 import torch
 import torchmetrics
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers import Logger, WandbLogger
 from torch import nn
 
+from inat_finetune.checkpointing import (
+    AtomicCheckpointIO,
+    NonFiniteLossError,
+    ResumeState,
+    RunCSVLogger,
+    StopOnNonFiniteLoss,
+    periodic_last_checkpoint,
+)
 from inat_finetune.config import TrainConfig
 from inat_finetune.data import DataSplit, FineTuneDataModule, make_split
 from inat_finetune.freezing import FreezeSummary, apply_strategy, hold_frozen_batchnorm
@@ -75,6 +84,12 @@ class FineTuneModule(L.LightningModule):
         self.criterion = nn.CrossEntropyLoss()
         accuracy = torchmetrics.classification.MulticlassAccuracy
         self.train_acc = accuracy(num_classes, average="micro")
+        # The training metrics' running sums are saved in checkpoints (persistent states) and
+        # logged by on_train_epoch_end, so an epoch resumed from any checkpoint, even one taken
+        # mid-epoch, reports what the uninterrupted epoch would have.
+        self.train_loss = torchmetrics.MeanMetric()
+        self.train_acc.persistent(True)
+        self.train_loss.persistent(True)
         self.val_acc = accuracy(num_classes, average="micro")
         self.test_acc = accuracy(num_classes, average="micro")
         self.test_per_class = accuracy(num_classes, average="none")
@@ -94,6 +109,10 @@ class FineTuneModule(L.LightningModule):
         # have and restores them after validation. Set them here, every epoch.
         self.train()
 
+    def on_train_start(self) -> None:
+        # A run resumed mid-epoch starts without on_train_epoch_start: set the modes here too.
+        self.train()
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -105,6 +124,9 @@ class FineTuneModule(L.LightningModule):
         images, labels = batch
         logits = self(images)
         loss = self.criterion(logits, labels)
+        if stage == "train":
+            self.train_loss.update(loss.detach(), weight=len(labels))
+            return loss, logits, labels
         self.log(
             f"{stage}/loss",
             loss,
@@ -117,9 +139,14 @@ class FineTuneModule(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss, logits, labels = self._shared_step(batch, "train")
-        self.train_acc(logits, labels)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        self.train_acc.update(logits, labels)
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.log("train/loss", self.train_loss.compute())
+        self.log("train/acc", self.train_acc.compute(), prog_bar=True)
+        self.train_loss.reset()
+        self.train_acc.reset()
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         _, logits, labels = self._shared_step(batch, "val")
@@ -205,10 +232,13 @@ class RunResult:
 
 
 def build_loggers(config: TrainConfig, run_dir: Path) -> list[Logger]:
-    loggers: list[Logger] = [CSVLogger(save_dir=run_dir, name="", version="")]
+    from inat_finetune.resume import resumed_wandb_run
+
+    loggers: list[Logger] = [RunCSVLogger(save_dir=run_dir, name="", version="")]
     if config.wandb:
         loggers.append(
             WandbLogger(
+                **resumed_wandb_run(run_dir),
                 project=config.wandb_project,
                 name=run_dir.name,
                 save_dir=str(run_dir),
@@ -255,9 +285,15 @@ def train(
     split: DataSplit | None = None,
     progress: bool = True,
     report: bool = True,
+    run_dir: Path | None = None,
+    ckpt_path: Path | None = None,
 ) -> RunResult:
-    """Run one fine-tuning experiment end to end; see the module docstring for its outputs."""
+    """Run one fine-tuning experiment end to end; see the module docstring for its outputs.
+
+    ``run_dir`` and ``ckpt_path`` continue a stopped run in place (``resume.resume_run``).
+    """
     from inat_finetune.errors import UserError
+    from inat_finetune.preflight import preflight
 
     if config.data is None and split is None:
         raise UserError("--data is required: the folder that holds the images")
@@ -267,11 +303,15 @@ def train(
             config.data, config.seed, config.val_fraction, config.test_fraction, progress=progress
         )
     split = guard_test_set(split)
+    preflight(config, split)
     built = get_model(config.backbone, num_classes=len(split.classes), weights=config.weights)
     preprocessing = built.preprocessing.at_size(config.img_size)
     summary = apply_strategy(built.model, built.head, config.strategy, config.freeze_percent)
 
-    run_dir = new_run_dir(config.output, config.run_name or f"{config.backbone}-{config.strategy}")
+    if run_dir is None:
+        run_dir = new_run_dir(
+            config.output, config.run_name or f"{config.backbone}-{config.strategy}"
+        )
     write_yaml_atomic(run_dir / "config.yaml", config.to_yaml_dict())
     split.save(run_dir / "split.json")
     write_json_atomic(run_dir / "dataset.json", split.summary())
@@ -309,6 +349,11 @@ def train(
         mode="max",
         save_last=True,
         auto_insert_metric_name=False,
+        enable_version_counter=False,  # last.ckpt is shared with the periodic checkpoint
+        save_on_train_epoch_end=False,
+    )
+    periodic = periodic_last_checkpoint(
+        run_dir / "checkpoints", config.checkpoint_steps, config.checkpoint_minutes
     )
     trainer = L.Trainer(
         max_epochs=config.epochs,
@@ -316,7 +361,13 @@ def train(
         devices=_parse_devices(config.devices),
         precision=precision,
         logger=build_loggers(config, run_dir),
-        callbacks=[checkpoint],
+        callbacks=[
+            checkpoint,
+            *([periodic] if periodic else []),
+            ResumeState(run_dir / "checkpoints"),
+            StopOnNonFiniteLoss(run_dir / "checkpoints"),
+        ],
+        plugins=[AtomicCheckpointIO()],
         deterministic=False,
         enable_progress_bar=progress,
         enable_model_summary=False,
@@ -331,7 +382,17 @@ def train(
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*exists and is not empty.*")
         warnings.filterwarnings("ignore", ".*LeafSpec.*")
-        trainer.fit(module, datamodule=datamodule)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        except BaseException as exc:
+            if not isinstance(exc, NonFiniteLossError):  # resuming would diverge again
+                log.error(
+                    "The run stopped; continue it with: inat-finetune train --resume %s", run_dir
+                )
+            if isinstance(exc, SystemExit) and not exc.code:
+                # Lightning stops on SIGTERM with exit status 0; a stopped run must not look done.
+                raise SystemExit(128 + signal.SIGTERM) from exc
+            raise
         train_time = time.perf_counter() - started
         final_train_acc = float(trainer.callback_metrics.get("train/acc", float("nan")))
         started = time.perf_counter()
@@ -368,7 +429,7 @@ def train(
         "accelerator": accelerator,
         "precision": precision,
         "channels_last": channels_last,
-        "checkpoint": str(Path(checkpoint.best_model_path).relative_to(run_dir)),
+        "checkpoint": str(Path(checkpoint.best_model_path).relative_to(run_dir.resolve())),
     }
     write_predictions(run_dir / "test_predictions.csv", split, test_report["probabilities"])
     write_json_atomic(run_dir / "results.json", results)

@@ -1,0 +1,290 @@
+"""Checkpoints that survive crashes: atomic writes, safe reads, and everything a resume needs.
+
+Lightning's checkpoint already holds the model, optimizer, LR schedulers, callback states
+(best score so far, and any callback that keeps a stage, such as gradual unfreezing), the epoch
+and step counters, and the position of a resumable train loader (see ``sampling``). What it
+leaves out is added here:
+
+* ``ResumeState`` stores the random number generators (dropout draws from them) and how many
+  rows of ``metrics.csv`` belong to the checkpoint, and flushes the loggers first, so the
+  metrics file never lags behind the checkpoint.
+* ``periodic_last_checkpoint`` writes ``last.ckpt`` during the epoch too (every N steps or
+  minutes), so a pre-empted run loses minutes, not an epoch.
+* ``StopOnNonFiniteLoss`` stops the run before a NaN/inf step reaches the weights, so the last
+  checkpoint on disk is always a good one.
+* ``AtomicCheckpointIO`` writes every checkpoint to a temporary file and renames it into place:
+  a crash, a full disk or a kill mid-write leaves the previous checkpoint whole.
+* ``RunCSVLogger`` appends to ``metrics.csv`` on resume (Lightning's deletes it) and rewrites it
+  atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import pickle
+import random
+import zipfile
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+from inat_finetune.errors import UserError
+from inat_finetune.runfiles import atomic_write, write_text_atomic
+
+RESUME_KEY = "inat_finetune_resume"  # where a checkpoint keeps RNG states and the metrics row count
+
+
+def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` with a one-line error for every way a file can be bad."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such checkpoint file")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" in str(exc):  # a class or function, not a corrupt byte
+            raise UserError(
+                f"{path}: refused; it holds Python objects besides tensors and plain values, and "
+                "loading those could run code. Use a checkpoint written by inat-finetune"
+            ) from None
+        raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt?)") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise UserError(
+            f"{path}: not a readable checkpoint (truncated or corrupt?): {_first_line(exc)}"
+        ) from None
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"{path}: not a Lightning checkpoint (holds a {type(checkpoint).__name__})")
+    return checkpoint
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Temporary file + fsync + rename for saving; ``read_checkpoint`` for loading."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None:
+            super().save_checkpoint(checkpoint, path, storage_options)  # raises: unsupported
+        try:
+            atomic_write(path, lambda handle: torch.save(checkpoint, handle))
+        except OSError as exc:
+            raise UserError(
+                f"{path}: could not write the checkpoint ({exc}); the previous one is intact. "
+                "Free some space, then continue with `inat-finetune train --resume <run directory>`"
+            ) from exc
+
+    def load_checkpoint(
+        self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        # Run directories hold only what inat-finetune wrote: always load them weights-only.
+        return read_checkpoint(path, map_location=map_location)
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every global random state, as tensors and plain values (loadable weights-only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    numpy = state["numpy"]
+    np.random.set_state(
+        (
+            numpy["kind"],
+            numpy["keys"].numpy().astype(np.uint32),
+            numpy["pos"],
+            numpy["has_gauss"],
+            numpy["gauss"],
+        )
+    )
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class ResumeState(Callback):
+    """Adds RNG states and the metrics row count to each checkpoint; restores the RNGs.
+
+    The RNGs are put back just before the first resumed training step rather than at load
+    time, so nothing Lightning does while it restarts can draw from them in between.
+
+    On SIGTERM (what a pre-empted machine gets before it is killed) Lightning stops after the
+    current batch; ``last.ckpt`` is written first, at the same point in the step as every
+    periodic save, so not even the steps since the last periodic checkpoint are lost.
+    """
+
+    def __init__(self, checkpoint_dir: Path) -> None:
+        self.last = Path(checkpoint_dir) / "last.ckpt"
+        self._pending_rng: dict[str, Any] | None = None
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        rows = None
+        for logger in trainer.loggers:
+            logger.save()  # metrics.csv holds every row logged up to this checkpoint
+            if isinstance(logger, RunCSVLogger):
+                rows = logger.experiment.row_count
+        checkpoint[RESUME_KEY] = {"rng": capture_rng(), "metrics_rows": rows}
+
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self._pending_rng = checkpoint.get(RESUME_KEY, {}).get("rng")
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._pending_rng is not None:
+            restore_rng(self._pending_rng)
+            self._pending_rng = None
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if trainer.received_sigterm:
+            trainer.save_checkpoint(self.last)
+
+
+class NonFiniteLossError(UserError):
+    """The training loss became NaN or infinite; the run stopped before the weights did."""
+
+
+class StopOnNonFiniteLoss(Callback):
+    """Stop before backward on a NaN/inf loss: no bad gradient reaches the weights or a checkpoint."""
+
+    def __init__(self, checkpoint_dir: Path) -> None:
+        self.checkpoint_dir = Path(checkpoint_dir)
+
+    def on_before_backward(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
+    ) -> None:
+        if bool(torch.isfinite(loss.detach()).all()):
+            return
+        last = self.checkpoint_dir / "last.ckpt"
+        kept = (
+            f"{last} (the last good state) is kept"
+            if last.is_file()
+            else "no checkpoint had been written yet"
+        )
+        lr = getattr(pl_module, "lr", None)
+        raise NonFiniteLossError(
+            f"training loss became {loss.item()} at epoch {trainer.current_epoch}, step "
+            f"{trainer.global_step}; the run stopped and {kept}. Lower --lr"
+            f"{f' (now {lr:g})' if lr is not None else ''} or check the data, then start a new run"
+        )
+
+
+def periodic_last_checkpoint(
+    dirpath: Path, every_steps: int | None, every_minutes: float | None
+) -> ModelCheckpoint | None:
+    """``last.ckpt`` also during the epoch: every N steps if given, else every N minutes."""
+    if every_steps:
+        trigger: dict[str, Any] = {"every_n_train_steps": every_steps}
+    elif every_minutes:
+        trigger = {"train_time_interval": timedelta(minutes=every_minutes)}
+    else:
+        return None
+    # No version counter: the end-of-epoch checkpoint callback writes the same last.ckpt, and
+    # each must replace it rather than start last-v1.ckpt.
+    return ModelCheckpoint(
+        dirpath=dirpath, save_top_k=0, save_last=True, enable_version_counter=False, **trigger
+    )
+
+
+class _MetricsWriter(ExperimentWriter):
+    """Keeps the rows already in metrics.csv and rewrites the whole file atomically on save."""
+
+    def __init__(self, log_dir: str) -> None:
+        super().__init__(log_dir)
+        self.rows: list[dict[str, Any]] = []
+        path = Path(self.metrics_file_path)
+        if path.is_file():
+            with path.open(newline="", encoding="utf-8") as handle:
+                reader = csv.DictReader(handle)
+                self.rows = list(reader)
+                self.metrics_keys = list(reader.fieldnames or [])
+
+    def _check_log_dir_exists(self) -> None:
+        # Lightning deletes an existing metrics.csv here; a resumed run must append to it.
+        pass
+
+    @property
+    def row_count(self) -> int:
+        return len(self.rows)
+
+    def save(self) -> None:
+        if not self.metrics:
+            return
+        self._record_new_keys()
+        self.rows.extend(self.metrics)
+        self.metrics = []
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=self.metrics_keys)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        write_text_atomic(self.metrics_file_path, buffer.getvalue())
+
+
+class RunCSVLogger(CSVLogger):
+    """Lightning's CSVLogger, but appending on resume and writing metrics.csv atomically."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> _MetricsWriter:
+        if self._experiment is None:
+            self._experiment = _MetricsWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+def keep_metrics_rows(metrics_csv: Path, rows: int | None) -> None:
+    """Cut metrics.csv back to the rows its checkpoint knew of; later ones are logged again."""
+    if not metrics_csv.is_file() or rows is None:
+        return
+    if rows == 0:
+        metrics_csv.unlink()
+        return
+    with metrics_csv.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        kept = list(reader)[:rows]
+        fields = list(reader.fieldnames or [])
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(kept)
+    write_text_atomic(metrics_csv, buffer.getvalue())

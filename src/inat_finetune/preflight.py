@@ -1,0 +1,65 @@
+"""Checks before a run starts, for settings Lightning would only reject deep inside ``fit``.
+
+A typo in ``--precision`` or ``--accelerator cuda`` on a machine without a GPU should cost the
+user one line and no run directory, not a traceback after the data scan.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+
+from inat_finetune.config import TrainConfig
+from inat_finetune.data import DataSplit
+from inat_finetune.errors import UserError
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
+ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
+
+
+def _accelerator_available(name: str) -> bool:
+    if name in ("cuda", "gpu"):
+        return torch.cuda.is_available()
+    if name == "mps":
+        return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    return True
+
+
+def preflight(config: TrainConfig, split: DataSplit) -> None:
+    """Raise a one-line UserError for settings that cannot run here; warn about odd ones."""
+    if config.precision not in PRECISIONS:
+        raise UserError(
+            f"--precision {config.precision}: unknown; use one of {', '.join(PRECISIONS)}"
+        )
+    if config.accelerator not in ACCELERATORS:
+        raise UserError(
+            f"--accelerator {config.accelerator}: unknown; use one of {', '.join(ACCELERATORS)}"
+        )
+    if not _accelerator_available(config.accelerator):
+        raise UserError(
+            f"--accelerator {config.accelerator}: not available on this machine; "
+            "use --accelerator auto (or cpu)"
+        )
+    if not re.fullmatch(r"auto|-1|\d+|\d+(,\d+)*,?", config.devices):
+        raise UserError(
+            f"--devices {config.devices}: use auto, a count (1, 2, ...), a list (0,1) or -1 for all"
+        )
+    n_train = sum(map(len, split.train.values()))
+    if config.batch_size > n_train:
+        log.warning(
+            "--batch-size %d is larger than the %d training images: each epoch is one batch of %d",
+            config.batch_size,
+            n_train,
+            n_train,
+        )
+    elif n_train % config.batch_size == 1 and n_train > 1:
+        log.warning(
+            "%d training images in batches of %d leave a last batch of 1, which BatchNorm cannot "
+            "train on; it is dropped (a different image each epoch)",
+            n_train,
+            config.batch_size,
+        )

@@ -1,0 +1,165 @@
+"""``inat-finetune train --resume RUN_DIR``: carry on a stopped run from its last checkpoint.
+
+The run directory is the whole truth: ``config.yaml`` says what is trained, ``split.json`` on
+which images, ``checkpoints/last.ckpt`` how far it got (see ``checkpointing`` for what a
+checkpoint holds). A run resumed on the same kind of machine ends with the same metrics as one
+that was never stopped.
+
+Options that say where and how the run executes may change on resume (``CHANGEABLE``), and
+``--epochs`` may grow, also to extend a finished run. Any other option given with a value that
+differs from ``config.yaml`` is refused: the result would no longer be the run it claims to be.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from inat_finetune.checkpointing import RESUME_KEY, keep_metrics_rows, read_checkpoint
+from inat_finetune.config import TrainConfig, load_config
+from inat_finetune.data import DataSplit
+from inat_finetune.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Where and how fast, not what: changing these does not change what the run trains.
+# (precision does change the arithmetic; it is allowed so a run can move to other hardware.)
+CHANGEABLE = frozenset(
+    {
+        "epochs",
+        "num_workers",
+        "accelerator",
+        "devices",
+        "precision",
+        "checkpoint_steps",
+        "checkpoint_minutes",
+    }
+)
+
+
+def resume_config(run_dir: Path, options: dict[str, Any]) -> TrainConfig:
+    """The run's config.yaml with the allowed options applied; a conflicting option is refused."""
+    if options.get("config") is not None:
+        raise UserError(
+            f"--resume {run_dir} --config {options['config']}: a resumed run uses its own "
+            "config.yaml; drop --config"
+        )
+    saved = load_config(run_dir / "config.yaml")
+    changes: dict[str, Any] = {}
+    for name, value in options.items():
+        if value is None or name == "config":
+            continue
+        if name not in TrainConfig.model_fields:
+            raise UserError(f"--resume: unknown option '{name}'")
+        if name in CHANGEABLE:
+            changes[name] = value
+        elif value != getattr(saved, name):
+            flag = "--" + name.replace("_", "-")
+            allowed = ", ".join("--" + n.replace("_", "-") for n in sorted(CHANGEABLE))
+            raise UserError(
+                f"--resume {run_dir}: {flag} {value} differs from the run's "
+                f"{name}={getattr(saved, name)!r}; only {allowed} may change when resuming. "
+                "Start a new run to train with other settings"
+            )
+    return load_config(run_dir / "config.yaml", **changes)
+
+
+def check_checkpoint_fits(
+    path: Path, checkpoint: dict[str, Any], config: TrainConfig, classes: list[str]
+) -> None:
+    """Refuse a checkpoint made for another backbone, class set or freezing strategy."""
+    from inat_finetune.training import CARD_KEY
+
+    card = checkpoint.get(CARD_KEY)
+    if not isinstance(card, dict):
+        raise UserError(f"{path}: not an inat-finetune checkpoint (no '{CARD_KEY}' description)")
+    found = {
+        "backbone": card.get("backbone"),
+        "strategy": card.get("strategy"),
+        "freeze_percent": card.get("freeze_percent"),
+    }
+    for name, value in found.items():
+        if value != getattr(config, name):
+            raise UserError(
+                f"{path}: this checkpoint was trained with {name}={value!r}, but config.yaml says "
+                f"{name}={getattr(config, name)!r}; resume with the run directory it came from"
+            )
+    if list(card.get("class_names", [])) != list(classes):
+        raise UserError(
+            f"{path}: this checkpoint knows classes {card.get('class_names')}, but split.json has "
+            f"{classes}; resume with the run directory it came from"
+        )
+
+
+def _check_images_present(split: DataSplit) -> None:
+    root = Path(split.root)
+    missing = [
+        rel
+        for part in (split.train, split.val, split.test)
+        for files in part.values()
+        for rel in files
+        if not (root / rel).is_file()
+    ]
+    if missing:
+        raise UserError(
+            f"{root}: {len(missing)} image(s) listed in split.json are missing (first: "
+            f"{missing[0]}); put the dataset back where it was to resume this run"
+        )
+
+
+def _remove_stale_temporaries(run_dir: Path) -> None:
+    # A process killed mid-write leaves its temporary file (see runfiles.atomic_write).
+    for tmp in run_dir.rglob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def resume_run(run_dir: str | Path, options: dict[str, Any], progress: bool = True) -> Any:
+    """Continue ``run_dir`` from ``checkpoints/last.ckpt`` (or from the start if it has none)."""
+    from inat_finetune.training import train
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "split.json").is_file():
+        raise UserError(
+            f"--resume {run_dir}: not a run directory (needs config.yaml and split.json); "
+            "pass the directory a `train` command created"
+        )
+    config = resume_config(run_dir, options)
+    split = DataSplit.load(run_dir / "split.json")
+    _check_images_present(split)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    ckpt_path: Path | None = None
+    if last.is_file():
+        checkpoint = read_checkpoint(last)
+        check_checkpoint_fits(last, checkpoint, config, split.classes)
+        done = int(checkpoint.get("epoch", 0))
+        finished = (run_dir / "results.json").is_file()
+        if finished and config.epochs <= done + 1:
+            raise UserError(
+                f"--resume {run_dir}: this run already finished its {done + 1} epochs; pass "
+                f"--epochs N with N > {done + 1} to train it further, or start a new run"
+            )
+        keep_metrics_rows(
+            run_dir / "metrics.csv", checkpoint.get(RESUME_KEY, {}).get("metrics_rows")
+        )
+        ckpt_path = last
+        log.info(
+            "Resuming %s from %s (epoch %d, step %d)",
+            run_dir,
+            last,
+            done,
+            checkpoint.get("global_step", 0),
+        )
+    else:
+        keep_metrics_rows(run_dir / "metrics.csv", 0)
+        log.warning("%s has no checkpoint yet: training it again from the start", run_dir)
+    _remove_stale_temporaries(run_dir)
+    return train(config, split=split, progress=progress, run_dir=run_dir, ckpt_path=ckpt_path)
+
+
+def resumed_wandb_run(run_dir: Path) -> dict[str, Any]:
+    """W&B arguments that continue the run's earlier W&B run, if it had one (else nothing)."""
+    runs = sorted((run_dir / "wandb").glob("*run-*-*"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        return {}
+    return {"id": runs[-1].name.rsplit("-", 1)[-1], "resume": "allow"}
