@@ -36,8 +36,10 @@ def runs(tmp_path_factory):
     make_class_folders(root / "data" / "train", {"cat": 8, "dog": 8, "fox": 8})
     make_class_folders(root / "data" / "val", {"cat": 3, "dog": 3, "fox": 3}, seed=9)
     common = dict(data=str(root / "data"), output=str(root / "runs"), cache_dir=str(root / "c"))
-    plain = train(load_config(None, feature_cache=False, **common, **TINY), progress=False)
-    cached = train(load_config(None, **common, **TINY), progress=False)
+    plain = train(
+        load_config(None, feature_cache=False, **common, **TINY), progress=False, report=False
+    )
+    cached = train(load_config(None, **common, **TINY), progress=False, report=False)
     return root, common, plain, cached
 
 
@@ -85,7 +87,9 @@ def test_second_run_reuses_the_features_without_a_backbone_pass(runs, monkeypatc
 
     monkeypatch.setattr(features, "_extract", no_backbone)
     with caplog.at_level(logging.INFO, logger="inat_finetune.training"):
-        again = train(load_config(None, **common, **{**TINY, "lr": 0.01}), progress=False)
+        again = train(
+            load_config(None, **common, **{**TINY, "lr": 0.01}), progress=False, report=False
+        )
     assert again.results["speed_paths"]["feature_cache"] == "on (33 reused, 0 computed)"
     assert again.results["speed_paths"]["image_cache"] == "on (33 reused, 0 prepared)"
     # The one-line summary at the start of the run names the chosen paths.
@@ -96,7 +100,7 @@ def test_second_run_reuses_the_features_without_a_backbone_pass(runs, monkeypatc
 def test_a_changed_image_is_computed_again(runs):
     root, common, _, cached = runs
     write_image(root / "data" / "train" / "dog" / "dog_3.jpg", seed=4242, size=(52, 44))
-    again = train(load_config(None, **common, **TINY), progress=False)
+    again = train(load_config(None, **common, **TINY), progress=False, report=False)
     assert again.results["speed_paths"]["feature_cache"] == "on (32 reused, 1 computed)"
     assert again.results["speed_paths"]["image_cache"] == "on (32 reused, 1 prepared)"
 
