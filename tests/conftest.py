@@ -19,6 +19,14 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Image and feature caches go to a fresh folder, never the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("INAT_FINETUNE_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 def write_image(path: Path, seed: int, size: tuple[int, int] = (48, 40), mode: str = "RGB") -> Path:
     """A small random but decodable image; ``seed`` makes its content unique."""
     rng = np.random.default_rng(seed)

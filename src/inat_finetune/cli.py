@@ -202,6 +202,28 @@ PrecisionOpt = Annotated[
 ChannelsLastOpt = Annotated[
     bool | None, _opt("--channels-last/--no-channels-last", help="[default: auto]")
 ]
+ImageCacheOpt = Annotated[
+    bool | None,
+    _opt(
+        "--image-cache/--no-image-cache",
+        help="decode and resize each image once into the cache [default: on]",
+    ),
+]
+FeatureCacheOpt = Annotated[
+    bool | None,
+    _opt(
+        "--feature-cache/--no-feature-cache",
+        help="train the head on stored features when the backbone is frozen and the training "
+        "images are not augmented [default: on]",
+    ),
+]
+CacheDirOpt = Annotated[
+    str | None,
+    _opt("--cache-dir", help="cache folder [default: $INAT_FINETUNE_CACHE or ~/.cache/inat-finetune]"),
+]
+CompileOpt = Annotated[
+    bool | None, _opt("--compile/--no-compile", help="torch.compile the network [default: off]")
+]
 WandbOpt = Annotated[
     bool | None,
     _opt(
@@ -269,6 +291,10 @@ def train(
     devices: DevicesOpt = None,
     precision: PrecisionOpt = None,
     channels_last: ChannelsLastOpt = None,
+    image_cache: ImageCacheOpt = None,
+    feature_cache: FeatureCacheOpt = None,
+    cache_dir: CacheDirOpt = None,
+    compile: CompileOpt = None,  # noqa: A002 - the config field's name
     wandb: WandbOpt = None,
     wandb_project: WandbProjectOpt = None,
     output: OutputOpt = None,
@@ -328,6 +354,10 @@ def compare(
     num_workers: WorkersOpt = None,
     accelerator: AcceleratorOpt = None,
     precision: PrecisionOpt = None,
+    image_cache: ImageCacheOpt = None,
+    feature_cache: FeatureCacheOpt = None,
+    cache_dir: CacheDirOpt = None,
+    compile: CompileOpt = None,  # noqa: A002 - the config field's name
     wandb: WandbOpt = None,
     wandb_project: WandbProjectOpt = None,
     output: OutputOpt = None,
@@ -344,6 +374,41 @@ def compare(
         _fail(str(exc))
         return
     _print_comparison(result)
+
+
+@app.command()
+def prepare(
+    data: Annotated[str, typer.Option("--data", help="dataset root, as passed to train")],
+    size: Annotated[
+        int,
+        typer.Option(
+            "--size",
+            help="shorter side in pixels: the resize size of the input size you train with "
+            "(256 for 224-px inputs, i.e. img_size x 256/224)",
+        ),
+    ] = 256,
+    interpolation: Annotated[
+        str, typer.Option(help="bilinear (torchvision presets) or bicubic (some timm presets)")
+    ] = "bilinear",
+    cache_dir: CacheDirOpt = None,
+) -> None:
+    """Decode and resize every image once into the cache that train and compare read from."""
+    from rich.filesize import decimal
+
+    from inat_finetune.prepared import prepare as run_prepare
+
+    try:
+        result = run_prepare(data, size, interpolation, cache_dir)
+    except UserError as exc:
+        _fail(str(exc))
+        return
+    out.print(
+        f"{result.images:,} images: {result.prepared:,} prepared, "
+        f"{result.images - result.prepared:,} already there; {decimal(result.data_bytes)} in "
+        f"{result.directory}",
+        soft_wrap=True,
+        highlight=False,
+    )
 
 
 @app.command()

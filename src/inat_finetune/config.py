@@ -65,6 +65,18 @@ class TrainConfig(BaseModel):
     channels_last: bool | None = Field(
         None, description="channels-last memory format (default: auto)"
     )
+    image_cache: bool = Field(
+        True, description="decode and resize each image once into a cache (prepared.py)"
+    )
+    feature_cache: bool = Field(
+        True,
+        description="train the head on stored features when the backbone is frozen and "
+        "deterministic (features.py)",
+    )
+    cache_dir: str | None = Field(
+        None, description="cache folder (default: $INAT_FINETUNE_CACHE or ~/.cache/inat-finetune)"
+    )
+    compile: bool = Field(False, description="torch.compile the network (slow start; long GPU runs)")
     wandb: bool = False
     wandb_project: str = "inat-finetune"
     wandb_group: str | None = Field(None, description="W&B group (compare sets one per comparison)")

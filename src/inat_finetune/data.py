@@ -433,6 +433,7 @@ class FineTuneDataModule(L.LightningDataModule):
         num_workers: int | None = None,
         augment: bool = True,
         seed: int = 42,
+        image_store: Any = None,
     ) -> None:
         super().__init__()
         self.split = split
@@ -441,13 +442,17 @@ class FineTuneDataModule(L.LightningDataModule):
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.augment = augment
         self.seed = seed
+        # prepared.PreparedImages: read decoded, resized images instead of decoding the photos.
+        self.image_store = image_store
 
-    def dataset(self, split: str) -> ImageListDataset:
+    def dataset(self, split: str) -> Dataset:
         pre = self.preprocessing
         if split == "train":
             transform = build_train_transform(pre, self.augment)
         else:
             transform = build_eval_transform(pre)
+        if self.image_store is not None:
+            return self.image_store.dataset(self.split.samples(split), transform)
         return ImageListDataset(self.split.samples(split), transform, draft_size=pre.resize_size)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:

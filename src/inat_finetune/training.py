@@ -41,8 +41,10 @@ from inat_finetune.checkpointing import (
 )
 from inat_finetune.config import TrainConfig
 from inat_finetune.data import DataSplit, FineTuneDataModule, make_split
+from inat_finetune.features import cached_features, run_tail
 from inat_finetune.freezing import FreezeSummary, apply_strategy, hold_frozen_batchnorm
 from inat_finetune.models import get_model
+from inat_finetune.prepared import prepared_images_for
 from inat_finetune.runfiles import (
     new_run_dir,
     write_json_atomic,
@@ -95,6 +97,9 @@ class FineTuneModule(L.LightningModule):
         self.test_per_class = accuracy(num_classes, average="none")
         self.test_confusion = torchmetrics.classification.MulticlassConfusionMatrix(num_classes)
         self.test_report: dict[str, Any] = {}
+        # Set by train() when batches hold stored backbone features instead of images
+        # (features.py): the dotted names of the modules that map features to logits.
+        self.feature_tail: list[str] = []
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
 
@@ -114,6 +119,8 @@ class FineTuneModule(L.LightningModule):
         self.train()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.feature_tail:
+            return run_tail(self.model, self.feature_tail, images)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.model(images)
@@ -319,8 +326,17 @@ def train(
     accelerator = resolve_accelerator(config.accelerator)
     precision = resolve_precision(config.precision, accelerator)
     channels_last = resolve_channels_last(config.channels_last, accelerator)
+    image_store, image_cache = prepared_images_for(
+        split, preprocessing, config.image_cache, config.cache_dir, progress
+    )
     datamodule = FineTuneDataModule(
-        split, preprocessing, config.batch_size, config.num_workers, config.augment, config.seed
+        split,
+        preprocessing,
+        config.batch_size,
+        config.num_workers,
+        config.augment,
+        config.seed,
+        image_store=image_store,
     )
     module = FineTuneModule(
         built.model,
@@ -331,8 +347,19 @@ def train(
         frozen_bn=config.frozen_bn,
         channels_last=channels_last,
     )
+    cached = cached_features(config, module, built.head, datamodule, accelerator, precision, progress)
+    if cached.datamodule is not None:
+        datamodule, module.feature_tail = cached.datamodule, cached.tail
+    elif config.compile:
+        module.model.compile()  # in place: the state dict keeps its names, checkpoints stay usable
+    speed_paths = {
+        "image_cache": image_cache,
+        "feature_cache": cached.summary,
+        "compile": config.compile and cached.datamodule is None,
+    }
     log.info(
-        "%s | %s | accelerator=%s precision=%s channels_last=%s workers=%d | run: %s",
+        "%s | %s | accelerator=%s precision=%s channels_last=%s workers=%d "
+        "image_cache=%s feature_cache=%s compile=%s | run: %s",
         summary.describe(),
         f"{sum(map(len, split.train.values()))}/{sum(map(len, split.val.values()))}/"
         f"{sum(map(len, split.test.values()))} train/val/test images",
@@ -340,6 +367,9 @@ def train(
         precision,
         channels_last,
         datamodule.num_workers,
+        image_cache,
+        cached.summary,
+        speed_paths["compile"],
         run_dir,
     )
     checkpoint = ModelCheckpoint(
@@ -429,6 +459,7 @@ def train(
         "accelerator": accelerator,
         "precision": precision,
         "channels_last": channels_last,
+        "speed_paths": speed_paths,
         "checkpoint": str(Path(checkpoint.best_model_path).relative_to(run_dir.resolve())),
     }
     write_predictions(run_dir / "test_predictions.csv", split, test_report["probabilities"])

@@ -1,0 +1,151 @@
+"""Images per second: the naive ImageFolder loader against the prepared-image cache.
+
+    PYTHONPATH=src python benchmarks/data_pipeline.py               # 256 generated 1024x768 JPEGs
+    PYTHONPATH=src python benchmarks/data_pipeline.py --images 512 --workers 2
+
+Generates photo-like 1024x768 JPEGs (smooth gradients, shapes and grain, quality 90, so they
+decode like photographs rather than like noise), then times full passes of 2-worker
+DataLoaders, batch 32, that yield normalised 224-px tensors:
+
+* naive: ``torchvision.datasets.ImageFolder`` with PIL transforms, the whole JPEG decoded;
+* direct: the project's loader without the cache (JPEG draft mode, then the same transforms);
+* prepared: the project's loader reading the prepared-image cache (built once, timed apart).
+
+Each is timed with the evaluation transform (resize, centre crop) and with the training
+augmentation (random resized crop, flip, colour jitter, rotation). Every pass runs twice and
+the faster is kept, so the page cache is equally warm for all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+from naive_loop import naive_transforms
+from PIL import Image, ImageDraw, ImageFilter
+from run_speed import load, machine
+from torch.utils.data import DataLoader
+from torchvision import datasets
+
+from inat_finetune.data import FineTuneDataModule, make_split
+from inat_finetune.models import IMAGENET_PREPROCESSING
+from inat_finetune.prepared import prepared_images_for
+
+
+def photo_like(path: Path, seed: int, size: tuple[int, int] = (1024, 768)) -> None:
+    """A JPEG with the low-frequency structure and grain of a photograph."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = np.stack(
+        [
+            rng.uniform(40, 200)
+            + rng.uniform(-60, 60) * np.sin(x / rng.uniform(80, 300) + c)
+            + rng.uniform(-60, 60) * np.cos(y / rng.uniform(80, 300) + 2 * c)
+            for c in range(3)
+        ],
+        axis=-1,
+    )
+    image = Image.fromarray(base.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(25):
+        x0, y0 = rng.integers(0, w), rng.integers(0, h)
+        box = [x0, y0, x0 + rng.integers(20, 300), y0 + rng.integers(20, 300)]
+        draw.ellipse(box, fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    image = image.filter(ImageFilter.GaussianBlur(2))
+    grain = rng.normal(0, 6, (h, w, 3))
+    pixels = (np.asarray(image, dtype=np.float32) + grain).clip(0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, quality=90)
+
+
+def images_per_second(loader: DataLoader, repeats: int = 2) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        count = sum(len(labels) for _, labels in loader)
+        best = min(best, time.perf_counter() - started)
+    return count / best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--size", type=int, nargs=2, default=(1024, 768), metavar=("W", "H"))
+    parser.add_argument("--out", type=Path, help="also write the markdown report here")
+    args = parser.parse_args()
+
+    lines = [
+        f"- date: {datetime.now().isoformat(timespec='minutes')}",
+        f"- machine: {machine()}",
+        f"- command: `{' '.join(['python', *sys.argv])}`",
+        f"- {args.images} generated {args.size[0]}x{args.size[1]} JPEGs, {args.workers} workers, "
+        f"batch {args.batch_size}, 224-px output",
+        f"- load average (1/5/15 min) at start: {load()}",
+    ]
+    with tempfile.TemporaryDirectory(prefix="inat-pipeline-") as tmp:
+        root = Path(tmp) / "data"
+        for i in range(args.images):
+            photo_like(root / ("a", "b")[i % 2] / f"{i}.jpg", seed=i, size=tuple(args.size))
+        size_mb = sum(p.stat().st_size for p in root.rglob("*.jpg")) / 1e6
+        lines.append(f"- JPEGs on disk: {size_mb / args.images * 1000:.0f} KB each")
+        split = make_split(root, seed=0, val_fraction=0.01, test_fraction=0.01)
+        pre = IMAGENET_PREPROCESSING
+        started = time.perf_counter()
+        store, summary = prepared_images_for(split, pre, cache_dir=str(Path(tmp) / "cache"))
+        build_s = time.perf_counter() - started
+        n = sum(len(split.samples(s)) for s in ("train", "val", "test"))
+        lines.append(
+            f"- building the prepared cache once: {build_s:.1f} s for {n} images "
+            f"({n / build_s:.0f} images/s, {summary}), "
+            f"{store.arrays.data_path.stat().st_size / n / 1000:.0f} KB per image"
+        )
+        # All images in one "train" split so each loader sees every image once per pass.
+        everything = split.samples("train") + split.samples("val") + split.samples("test")
+        rows = []
+        for augment in (False, True):
+            train_tf, eval_tf = naive_transforms(augment)
+            naive_ds = datasets.ImageFolder(str(root), transform=train_tf)
+            loader_args = dict(batch_size=args.batch_size, num_workers=args.workers)
+            naive = images_per_second(DataLoader(naive_ds, **loader_args))
+            rates = {}
+            for name, image_store in (("direct", None), ("prepared", store)):
+                dm = FineTuneDataModule(
+                    split, pre, args.batch_size, args.workers, augment, image_store=image_store
+                )
+                dataset = dm.dataset("train")
+                dataset.samples = everything
+                rates[name] = images_per_second(
+                    DataLoader(dataset, persistent_workers=True, **loader_args)
+                )
+            rows.append(
+                f"| {'training augmentation' if augment else 'evaluation transform'} | "
+                f"{naive:.0f} | {rates['direct']:.0f} | {rates['prepared']:.0f} | "
+                f"{rates['prepared'] / naive:.1f}x |"
+            )
+            print(rows[-1], flush=True)
+    lines.append(f"- load average at end: {load()}")
+    lines += [
+        "",
+        "| transform | naive ImageFolder (img/s) | project, no cache (img/s) "
+        "| prepared cache (img/s) | prepared / naive |",
+        "|---|---:|---:|---:|---:|",
+        *rows,
+    ]
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if args.out:
+        args.out.write_text(report)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    main()

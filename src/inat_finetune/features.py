@@ -1,0 +1,362 @@
+"""Feature caching: train the head on stored backbone features when the backbone cannot change.
+
+If every parameter before the classifier is frozen, frozen BatchNorm layers keep their
+ImageNet statistics (``frozen_bn="eval"``), nothing random runs before the classifier in
+training mode, and the training images are not augmented, then the backbone maps each image
+to the same features in every epoch. Running it once per image and training the head on the
+stored features is then the same training as running it every epoch: the linear probe
+(``freeze_last``) costs one forward pass over the data, and a later run on the same images
+(another seed, learning rate or number of epochs, or the same data in a comparison) none.
+
+Augmentation is on by default, and augmented training images differ in every epoch, so then
+nothing is cached and ``--no-augment`` is what lets ``freeze_last`` use the cache. Caching
+only the validation/test features of an augmented run was left out on purpose: it saves the
+evaluation passes only (a quarter of the work at most) at the price of a module that takes
+images in training and features in evaluation.
+
+How it works:
+
+* The *tail* is the classifier plus the dropout layers right before it in the same
+  ``Sequential`` (MobileNet's and EfficientNet's classifier is Dropout then Linear). A forward
+  pre-hook on the tail's first module captures its input, which works for any architecture.
+* Training runs the tail on stored features, so that dropout still drops at random in
+  training mode, as it does without the cache.
+* The LightningModule still holds the whole network: checkpoints, ``evaluate``, ``predict`` and
+  ``export`` are unchanged. Only its forward (``FineTuneModule.feature_tail``) and the data
+  module differ.
+* Beyond the static checks, a probe on a random batch decides: two training-mode passes must
+  capture the same features (this catches any dropout or stochastic depth, timm's functional
+  dropout included), and in eval mode the tail applied to the captured features must give the
+  network's output (this catches classifiers followed by more layers, like SqueezeNet's).
+
+One store per (architecture, a hash of every backbone tensor, so weight names, weight files and
+random initialisations are told apart; capture point; evaluation transform; precision;
+channels-last; device type; torch version); one entry per image file, valid while the file is
+unchanged (``caching.py``).
+
+Same results: in fp32 with ``num_workers=0`` a cached run reproduces the uncached run's
+metrics to ~1e-5 (``tests/test_features.py``). With DataLoader workers the shuffling differs
+(a persistent-worker loader draws its seed once, an in-memory loader every epoch), so the two
+are then equal in distribution rather than number for number.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, TensorDataset
+
+from inat_finetune.caching import ArrayStore, cache_root, short_hash
+
+log = logging.getLogger(__name__)
+
+FEATURE_VERSION = 1
+SPLITS = ("train", "val", "test")
+AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16, "32-true": None}
+PRECISION_ALIASES = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
+# Random in training mode, besides dropout; matched by class name so timm need not be imported.
+STOCHASTIC_CLASSES = ("StochasticDepth", "DropPath", "DropBlock2d")
+
+
+def feature_tail(model: nn.Module, head: str) -> list[str]:
+    """The classifier and the dropout layers right before it in its ``Sequential``, in order."""
+    parent_name, _, child = head.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if not parent_name or not isinstance(parent, nn.Sequential):
+        return [head]
+    children = [name for name, _ in parent.named_children()]
+    start = children.index(child)
+    while start > 0 and isinstance(
+        parent.get_submodule(children[start - 1]), (nn.modules.dropout._DropoutNd, nn.Identity)
+    ):
+        start -= 1
+    return [f"{parent_name}.{name}" for name in children[start : children.index(child) + 1]]
+
+
+def _in_tail(name: str, tail: list[str]) -> bool:
+    return any(name == t or name.startswith(t + ".") for t in tail)
+
+
+def run_tail(model: nn.Module, tail: list[str], features: torch.Tensor) -> torch.Tensor:
+    for name in tail:
+        features = model.get_submodule(name)(features)
+    return features
+
+
+@contextlib.contextmanager
+def capturing(module: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collect the input of every call of ``module``."""
+    captured: list[torch.Tensor] = []
+    handle = module.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def _modes_kept(module: nn.Module) -> Iterator[None]:
+    modes = {m: m.training for m in module.modules()}
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def _is_random_in_training(module: nn.Module) -> bool:
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return module.p > 0
+    if type(module).__name__ in STOCHASTIC_CLASSES:
+        return float(getattr(module, "p", getattr(module, "drop_prob", 1.0)) or 0) > 0
+    return False
+
+
+def why_not_cacheable(
+    config: Any, module: nn.Module, tail: list[str], precision: str
+) -> str | None:
+    """The reason the backbone's features may differ between epochs, or None if they cannot."""
+    model = module.model
+    if config.augment:
+        return "augmentation on; --no-augment lets a frozen backbone's features be cached"
+    training = [n for n, p in model.named_parameters() if p.requires_grad and not _in_tail(n, tail)]
+    if training:
+        return f"strategy {config.strategy} trains {len(training)} backbone tensors"
+    if precision not in AUTOCAST_DTYPES:
+        return f"precision {precision} is not cached"
+    with _modes_kept(module):
+        module.train()  # the modes training will use, frozen BatchNorm held as configured
+        for name, sub in model.named_modules():
+            if not sub.training or _in_tail(name, tail):
+                continue
+            if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+                return f"BatchNorm {name} uses batch statistics in training (frozen_bn=train)"
+            if _is_random_in_training(sub):
+                return f"{name} ({type(sub).__name__}) is random in training mode"
+    return None
+
+
+def probe(module: nn.Module, tail: list[str], crop_size: int) -> str | None:
+    """Check on a random batch that the captured features are deterministic and sufficient."""
+    model = module.model
+    device = next(model.parameters()).device
+    images = torch.randn(2, 3, crop_size, crop_size, generator=torch.Generator().manual_seed(0))
+    images = images.to(device)
+    with (
+        _modes_kept(module),
+        torch.random.fork_rng(devices=[]),  # the uncached run's random stream stays untouched
+        torch.no_grad(),
+        capturing(model.get_submodule(tail[0])) as captured,
+    ):
+        module.train()
+        module(images)
+        module(images)
+        if len(captured) != 2:
+            return f"{tail[0]} is not called once per forward pass"
+        if not torch.allclose(captured[0], captured[1], rtol=1e-4, atol=1e-6):
+            return "the backbone is random in training mode"
+        module.eval()
+        logits = module(images)
+        if not torch.allclose(run_tail(model, tail, captured[2]), logits, rtol=1e-4, atol=1e-5):
+            return f"the output of {tail[-1]} is not the network's output"
+    return None
+
+
+def backbone_fingerprint(model: nn.Module, tail: list[str]) -> str:
+    """A hash of every tensor outside the tail: the same weights give the same features."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in model.state_dict().items():
+        if _in_tail(name, tail):
+            continue
+        flat = tensor.detach().cpu().reshape(-1).contiguous()  # logical order, any memory format
+        digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(flat.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _device(accelerator: str) -> torch.device:
+    if accelerator in ("cuda", "gpu") and torch.cuda.is_available():
+        return torch.device("cuda")
+    if accelerator == "mps":
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _extract(
+    module: nn.Module,
+    tail: list[str],
+    datasets: dict[str, Any],
+    todo: list[Path],
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    precision: str,
+    progress: bool,
+) -> Iterator[tuple[Path, np.ndarray]]:
+    """Yield (path, features) for the images of ``todo``, computed in eval mode."""
+    wanted, parts, paths = {str(p) for p in todo}, [], []
+    for dataset in datasets.values():
+        indices = [i for i, (p, _) in enumerate(dataset.samples) if str(p) in wanted]
+        wanted -= {str(dataset.samples[i][0]) for i in indices}
+        parts.append(Subset(dataset, indices))
+        paths += [dataset.samples[i][0] for i in indices]
+    loader = DataLoader(
+        ConcatDataset(parts),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    model, home = module.model, next(module.model.parameters()).device
+    dtype = AUTOCAST_DTYPES[precision]
+    batches: Any = loader
+    if progress:
+        from rich.progress import track
+
+        batches = track(loader, total=len(loader), description="Caching backbone features")
+    paths_iter = iter(paths)
+    with (
+        _modes_kept(module),
+        torch.random.fork_rng(devices=[]),  # loader seeds come from the global generator
+        torch.inference_mode(),
+        torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext(),
+        capturing(model.get_submodule(tail[0])) as captured,
+    ):
+        module.eval()
+        model.to(device)
+        try:
+            for images, _ in batches:
+                module(images.to(device, non_blocking=True))
+                for row in captured.pop().float().cpu().numpy():
+                    yield next(paths_iter), row
+        finally:
+            model.to(home)
+
+
+class FeatureDataModule(L.LightningDataModule):
+    """Stored features and labels per split, batched and shuffled like ``FineTuneDataModule``."""
+
+    def __init__(self, datasets: dict[str, Dataset], batch_size: int, seed: int) -> None:
+        super().__init__()
+        self.datasets = datasets
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_workers = 0  # in memory already: workers would only add start-up time
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+
+@dataclass
+class CachedFeatures:
+    """What ``train`` swaps in: the feature data module and the tail (None/[] when off)."""
+
+    summary: str
+    datamodule: FeatureDataModule | None = None
+    tail: list[str] = field(default_factory=list)
+    computed: int = 0
+
+
+def _features_of(
+    store: ArrayStore, samples: list[tuple[Path, int]], shape: tuple[int, ...]
+) -> TensorDataset:
+    arrays = store.arrays(p for p, _ in samples)
+    features = np.stack([arrays[p] for p, _ in samples]) if samples else np.empty((0, *shape))
+    labels = torch.tensor([label for _, label in samples], dtype=torch.long)
+    return TensorDataset(torch.from_numpy(features).float(), labels)
+
+
+def cached_features(
+    config: Any,
+    module: nn.Module,
+    head: str,
+    datamodule: Any,
+    accelerator: str,
+    precision: str,
+    progress: bool = False,
+) -> CachedFeatures:
+    """Use stored features for this run if its backbone is frozen and deterministic.
+
+    ``module`` is the run's ``FineTuneModule`` and ``datamodule`` its ``FineTuneDataModule``;
+    the images of every split are run through the backbone once (those not stored yet).
+    """
+    if not config.feature_cache:
+        return CachedFeatures("off")
+    precision = PRECISION_ALIASES.get(str(precision), str(precision))
+    tail = feature_tail(module.model, head)
+    crop_size = datamodule.preprocessing.crop_size
+    reason = why_not_cacheable(config, module, tail, precision) or probe(module, tail, crop_size)
+    if reason is not None:
+        return CachedFeatures(f"off ({reason})")
+    datasets = {name: datamodule.dataset(name) for name in SPLITS}
+    transform = repr(datasets["test"].transform)
+    if repr(datasets["train"].transform) != transform:
+        return CachedFeatures("off (the training transform is not the evaluation transform)")
+    device = _device(accelerator)
+    meta = {
+        "kind": "features",
+        "version": FEATURE_VERSION,
+        "architecture": type(module.model).__qualname__,
+        "backbone": backbone_fingerprint(module.model, tail),
+        "capture": tail[0],
+        "transform": transform,
+        "precision": precision,
+        "channels_last": bool(getattr(module, "channels_last", False)),
+        "device": device.type,
+        "torch": ".".join(torch.__version__.split(".")[:2]),
+    }
+    folder = cache_root(config.cache_dir) / "features" / f"{config.backbone}-{short_hash(meta)}"
+    samples = {name: list(ds.samples) for name, ds in datasets.items()}
+    paths = [p for name in SPLITS for p, _ in samples[name]]
+    try:
+        store = ArrayStore(folder, "float32", meta)
+        computed = store.update(
+            paths,
+            lambda todo: _extract(
+                module,
+                tail,
+                datasets,
+                todo,
+                config.batch_size,
+                datamodule.num_workers,
+                device,
+                precision,
+                progress,
+            ),
+        )
+    except OSError as exc:
+        log.warning("Feature cache unusable (%s); running the backbone in every epoch", exc)
+        return CachedFeatures(f"off ({type(exc).__name__})")
+    shape = store.arrays(paths[:1])[paths[0]].shape
+    feature_sets = {name: _features_of(store, samples[name], shape) for name in SPLITS}
+    return CachedFeatures(
+        f"on ({len(paths) - computed} reused, {computed} computed)",
+        FeatureDataModule(feature_sets, config.batch_size, config.seed),
+        tail,
+        computed,
+    )

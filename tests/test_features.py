@@ -1,0 +1,176 @@
+"""Feature caching: same results as the uncached path, reuse across runs, invalidation, eligibility."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+
+import pytest
+import torch
+from conftest import make_class_folders, write_image
+from torch import nn
+
+from inat_finetune import features
+from inat_finetune.config import load_config
+from inat_finetune.evaluation import evaluate
+from inat_finetune.features import feature_tail, probe, why_not_cacheable
+from inat_finetune.training import FineTuneModule, train
+
+TINY = dict(
+    backbone="mobilenet_v2",
+    img_size=32,
+    batch_size=8,
+    num_workers=0,
+    epochs=2,
+    precision="32-true",
+    augment=False,
+    strategy="freeze_last",
+)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One uncached and one cached freeze_last run on the same data, cache in its own folder."""
+    root = tmp_path_factory.mktemp("features")
+    make_class_folders(root / "data" / "train", {"cat": 8, "dog": 8, "fox": 8})
+    make_class_folders(root / "data" / "val", {"cat": 3, "dog": 3, "fox": 3}, seed=9)
+    common = dict(data=str(root / "data"), output=str(root / "runs"), cache_dir=str(root / "c"))
+    plain = train(
+        load_config(None, feature_cache=False, **common, **TINY), progress=False, report=False
+    )
+    cached = train(load_config(None, **common, **TINY), progress=False, report=False)
+    return root, common, plain, cached
+
+
+def _csv(path):
+    return list(csv.DictReader(path.open()))
+
+
+def test_cached_and_uncached_training_give_the_same_metrics(runs):
+    _, _, plain, cached = runs
+    assert plain.results["speed_paths"]["feature_cache"] == "off"
+    assert cached.results["speed_paths"]["feature_cache"] == "on (0 reused, 33 computed)"
+    for key in ("best_val_acc", "test_acc", "final_train_acc", "best_epoch", "epochs"):
+        assert cached.results[key] == plain.results[key], key
+    assert cached.results["test_loss"] == pytest.approx(plain.results["test_loss"], abs=1e-5)
+    assert cached.results["confusion_matrix"] == plain.results["confusion_matrix"]
+    # Every logged loss, epoch by epoch, and every test probability agree.
+    for a, b in zip(
+        _csv(plain.run_dir / "metrics.csv"), _csv(cached.run_dir / "metrics.csv"), strict=True
+    ):
+        for key in ("train/loss", "val/loss", "val/acc"):
+            if a[key]:
+                assert float(b[key]) == pytest.approx(float(a[key]), abs=1e-5), key
+    rows_a = _csv(plain.run_dir / "test_predictions.csv")
+    rows_b = _csv(cached.run_dir / "test_predictions.csv")
+    assert [r["path"] for r in rows_a] == [r["path"] for r in rows_b]
+    for a, b in zip(rows_a, rows_b, strict=True):
+        assert float(b["p_cat"]) == pytest.approx(float(a["p_cat"]), abs=1e-5)
+
+
+def test_cached_run_checkpoint_holds_the_whole_network(runs):
+    _, _, plain, cached = runs
+    state_a = torch.load(plain.run_dir / "checkpoints" / "best.ckpt", weights_only=True)
+    state_b = torch.load(cached.run_dir / "checkpoints" / "best.ckpt", weights_only=True)
+    assert state_a["state_dict"].keys() == state_b["state_dict"].keys()
+    assert any(k.startswith("model.features.0.") for k in state_b["state_dict"])
+    # evaluate runs the full network on images: it agrees with the test on cached features.
+    assert evaluate(cached.run_dir, progress=False)["test_acc"] == cached.results["test_acc"]
+
+
+def test_second_run_reuses_the_features_without_a_backbone_pass(runs, monkeypatch, caplog):
+    root, common, _, cached = runs
+
+    def no_backbone(*args, **kwargs):
+        raise AssertionError("the backbone ran although every feature was stored")
+
+    monkeypatch.setattr(features, "_extract", no_backbone)
+    with caplog.at_level(logging.INFO, logger="inat_finetune.training"):
+        again = train(
+            load_config(None, **common, **{**TINY, "lr": 0.01}), progress=False, report=False
+        )
+    assert again.results["speed_paths"]["feature_cache"] == "on (33 reused, 0 computed)"
+    assert again.results["speed_paths"]["image_cache"] == "on (33 reused, 0 prepared)"
+    # The one-line summary at the start of the run names the chosen paths.
+    line = next(r.getMessage() for r in caplog.records if "accelerator=" in r.getMessage())
+    assert "feature_cache=on (33 reused, 0 computed)" in line and "image_cache=on" in line
+
+
+def test_a_changed_image_is_computed_again(runs):
+    root, common, _, cached = runs
+    write_image(root / "data" / "train" / "dog" / "dog_3.jpg", seed=4242, size=(52, 44))
+    again = train(load_config(None, **common, **TINY), progress=False, report=False)
+    assert again.results["speed_paths"]["feature_cache"] == "on (32 reused, 1 computed)"
+    assert again.results["speed_paths"]["image_cache"] == "on (32 reused, 1 prepared)"
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"augment": True}, "augmentation on"),
+        ({"strategy": "freeze_except_bn_and_fc"}, "trains"),
+        ({"frozen_bn": "train"}, "batch statistics"),
+        ({"precision": "bf16-true"}, "precision bf16-true"),
+    ],
+)
+def test_not_cached_when_features_could_change(change, reason):
+    from inat_finetune.freezing import apply_strategy
+    from inat_finetune.models import get_model
+
+    config = load_config(None, **{**TINY, **change})
+    built = get_model("mobilenet_v2", num_classes=2, weights="none")
+    apply_strategy(built.model, built.head, config.strategy)
+    module = FineTuneModule(built.model, {"class_names": ["a", "b"]}, frozen_bn=config.frozen_bn)
+    tail = feature_tail(built.model, built.head)
+    assert tail == ["classifier.0", "classifier.1"]  # MobileNet's dropout belongs to the tail
+    assert reason in why_not_cacheable(config, module, tail, config.precision)
+
+
+class RandomBeforeHead(nn.Module):
+    """timm-style: functional dropout before the classifier, invisible to a module scan."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.body(x).mean((2, 3))
+        return self.fc(nn.functional.dropout(x, 0.5, self.training))
+
+
+class AfterHead(nn.Module):
+    """SqueezeNet-style: more layers after the classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return torch.relu(self.fc(self.body(x).mean((2, 3)))) * 2
+
+
+@pytest.mark.parametrize(
+    ("model", "reason"),
+    [
+        (RandomBeforeHead(), "random in training mode"),
+        (AfterHead(), "not the network's output"),
+        (nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2)), None),
+    ],
+)
+def test_probe_catches_what_a_module_scan_cannot(model, reason):
+    model(torch.zeros(1, 3, 8, 8))  # materialise lazy layers
+    head = "fc" if hasattr(model, "fc") else "2"
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith(head))
+    module = FineTuneModule(model, {"class_names": ["a", "b"]})
+    result = probe(module, feature_tail(model, head), crop_size=8)
+    assert result is None if reason is None else reason in result
+
+
+def test_results_file_names_the_paths(runs):
+    _, _, _, cached = runs
+    results = json.loads((cached.run_dir / "results.json").read_text())
+    assert set(results["speed_paths"]) == {"image_cache", "feature_cache", "compile"}
