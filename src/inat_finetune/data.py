@@ -404,7 +404,13 @@ class FineTuneDataModule(L.LightningDataModule):
         num_workers: int | None = None,
         augment: bool = True,
         seed: int = 42,
+        train_transform: Any = None,
+        eval_preprocessing: Preprocessing | None = None,
+        test_transform: Any = None,
     ) -> None:
+        """``train_transform`` replaces the seed's augmentation; ``eval_preprocessing`` sets
+        another size for validation and test (``--test-img-size``); ``test_transform`` replaces
+        the test transform (multi-crop test-time augmentation needs the whole resized image)."""
         super().__init__()
         self.split = split
         self.preprocessing = preprocessing
@@ -412,11 +418,18 @@ class FineTuneDataModule(L.LightningDataModule):
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.augment = augment
         self.seed = seed
+        self.train_transform = train_transform
+        self.eval_preprocessing = eval_preprocessing or preprocessing
+        self.test_transform = test_transform
 
     def dataset(self, split: str) -> ImageListDataset:
-        pre = self.preprocessing
+        pre = self.preprocessing if split == "train" else self.eval_preprocessing
         if split == "train":
-            transform = build_train_transform(pre, self.augment)
+            transform = self.train_transform
+            if transform is None:
+                transform = build_train_transform(pre, self.augment)
+        elif split == "test" and self.test_transform is not None:
+            transform = self.test_transform
         else:
             transform = build_eval_transform(pre)
         return ImageListDataset(self.split.samples(split), transform, draft_size=pre.resize_size)
