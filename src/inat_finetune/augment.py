@@ -28,8 +28,9 @@ def build_recipe_train_transform(
     """
     if augmentation == "seed" and random_erasing == 0:
         return build_train_transform(pre, augment=True)
+    # The policies run on PIL images: torchvision's tensor kernels lack bicubic interpolation,
+    # which timm's weights (EfficientNet-Lite0) ask for. ``_to_normalised_tensor`` converts.
     steps: list[Any] = [
-        v2.ToImage(),
         v2.RandomResizedCrop(pre.crop_size, interpolation=pre.interpolation_mode, antialias=True),
         v2.RandomHorizontalFlip(),
     ]

@@ -371,7 +371,6 @@ def compare(
     wandb: WandbOpt = None,
     wandb_project: WandbProjectOpt = None,
     output: OutputOpt = None,
-    recipe: RecipeOpt = None,
 ) -> None:
     """Train several freezing strategies on one split, pick the best by val accuracy, report."""
     options = dict(locals())
@@ -422,6 +421,7 @@ def evaluate(
         save_evaluation(result, save)
     out.print(
         f"test accuracy: {100 * result['test_acc']:.2f}% on {result['num_test_images']} images"
+        + ("" if mode == "none" else f" (test-time augmentation: {mode})")
     )
     out.print(json.dumps(result["per_class_test_acc"], indent=2))
 

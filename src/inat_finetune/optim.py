@@ -166,8 +166,8 @@ def lr_factor(
 
 def build_scheduler(
     optimizer: torch.optim.Optimizer, plan: TrainingPlan, total_steps: int, max_epochs: int
-) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """A per-step scheduler for ``plan.lr_schedule``, or None for the seed's constant rate."""
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """A per-step scheduler for ``plan.lr_schedule`` (``constant`` still warms up)."""
     steps_per_epoch = max(1, total_steps // max(1, max_epochs))
     warmup = round(plan.warmup_epochs * steps_per_epoch)
     if plan.lr_schedule == "onecycle":
@@ -177,8 +177,6 @@ def build_scheduler(
             total_steps=max(total_steps, 2),
             pct_start=min(0.9, warmup / total_steps) if warmup else 0.25,
         )
-    if plan.lr_schedule == "constant" and warmup == 0:
-        return None
     lambdas = []
     for group in optimizer.param_groups:
         start = 0

@@ -120,15 +120,11 @@ def recipe_card(config: Any, plan: Any, train_preprocessing: Any) -> dict[str, A
 def recipe_results(config: Any, module: Any) -> dict[str, Any]:
     """The recipe's entries of results.json."""
     schedule = config.stage_schedule()
-    unfreeze = module.plan.unfreeze
     return {
         "recipe": config.recipe,
         "schedule": format_schedule(schedule) if schedule else None,
-        "trainable_from_at_end": (
-            unfreeze.stages[module.stage_start].name
-            if unfreeze is not None and module.stage_start is not None
-            else None
-        ),
+        # what actually happened, e.g. [[0, "head"], [1, "features.0"]]
+        "unfrozen": [list(entry) for entry in module.unfreeze_history] or None,
         "lr": module.lr,
         "ema": module.ema is not None,
         "tta": config.tta,

@@ -101,6 +101,7 @@ class FineTuneModule(L.LightningModule):
         # Stages, schedules, EMA, mixing, smoothing, TTA (optim.py); the defaults are the seed's.
         self.plan = plan or TrainingPlan()
         self.stage_start: int | None = None
+        self.unfreeze_history: list[tuple[int, str]] = []  # (epoch, first trainable stage)
         if self.plan.unfreeze is not None:
             self.apply_stage(self.plan.unfreeze.start_at(0))
         weights = self.plan.class_weights
@@ -128,8 +129,12 @@ class FineTuneModule(L.LightningModule):
         # Lightning (>= 2.2) never calls train() itself: it keeps whatever modes the modules
         # have and restores them after validation. Set them here, every epoch, after the
         # unfreezing schedule has said which layers train (frozen BatchNorm is held in eval).
-        if self.plan.unfreeze is not None:
-            self.apply_stage(self.plan.unfreeze.start_at(self.current_epoch))
+        unfreeze = self.plan.unfreeze
+        if unfreeze is not None:
+            self.apply_stage(unfreeze.start_at(self.current_epoch))
+            name = unfreeze.stages[self.stage_start].name
+            if not self.unfreeze_history or self.unfreeze_history[-1][1] != name:
+                self.unfreeze_history.append((self.current_epoch, name))
         self.train()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -225,11 +230,11 @@ class FineTuneModule(L.LightningModule):
             plan.decay_norm_and_bias,
         )
         optimizer = build_optimizer(self.optimizer_name, groups, self.lr)
+        if plan.lr_schedule == "constant" and not plan.warmup_epochs:
+            return optimizer  # the seed's: no schedule
         scheduler = build_scheduler(
             optimizer, plan, int(self.trainer.estimated_stepping_batches), self.trainer.max_epochs
         )
-        if scheduler is None:
-            return optimizer
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
@@ -520,12 +525,16 @@ def lr_find_before_training(
     # Hold the first epoch's stage for the whole test: the range test spans several short
     # epochs on small data, and an unfreeze in the middle would mix two experiments.
     module.plan = replace(plan, unfreeze=None)
+    # Lightning stops the test at max_epochs; on small data that comes before its last step.
+    max_epochs = trainer.fit_loop.max_epochs
+    trainer.fit_loop.max_epochs = max(max_epochs, config.lr_find_steps)
     try:
         found = run_lr_find(
             trainer, module, datamodule, run_dir, config.lr_find_steps, config.lr_find_apply
         )
     finally:
         module.plan = plan
+        trainer.fit_loop.max_epochs = max_epochs
     log.info(
         "Learning-rate range test: suggested lr %s (%s); plot: %s",
         "none" if found["suggestion"] is None else f"{found['suggestion']:.3g}",
