@@ -387,7 +387,7 @@ def test_lr_find_plots_suggests_and_applies_only_when_asked(tiny_data):
         data=str(tiny_data / "data"),
         output=str(tiny_data / "runs"),
         lr_find=True,
-        lr_find_steps=24,
+        lr_find_steps=16,
         epochs=1,
         strategy="freeze_last",
         **{**TINY, "batch_size": 2},  # more steps per epoch: fewer epochs in the range test

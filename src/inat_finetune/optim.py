@@ -43,7 +43,6 @@ class TrainingPlan:
     unfreeze: UnfreezePlan | None = None
     backbone_lr_scale: float = 1.0
     layer_decay: float = 1.0
-    decay_norm_and_bias: bool = False
     lr_schedule: str = "constant"
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
@@ -105,7 +104,6 @@ def param_groups(
     weight_decay: float,
     backbone_lr_scale: float = 1.0,
     layer_decay: float = 1.0,
-    decay_norm_and_bias: bool = False,
 ) -> list[dict[str, Any]]:
     """Two groups per stage (decayed, not decayed), each with its stage's learning rate.
 
@@ -122,11 +120,10 @@ def param_groups(
         scale = 1.0
         if stage.name != HEAD:
             scale = backbone_lr_scale * layer_decay ** (n_backbone - 1 - index)
-        decayed = [
-            n for n in stage.params if decay_norm_and_bias or not no_decay(n, named[n], skip)
-        ]
-        plain = [n for n in stage.params if n not in decayed]
-        for suffix, names, decay in (("", decayed, weight_decay), (" (no decay)", plain, 0.0)):
+        plain = {n for n in stage.params if no_decay(n, named[n], skip)}
+        decayed = [n for n in stage.params if n not in plain]
+        undecayed = [n for n in stage.params if n in plain]
+        for suffix, names, decay in (("", decayed, weight_decay), (" (no decay)", undecayed, 0.0)):
             params = [named[n] for n in names]
             if params:
                 groups.append(
@@ -143,7 +140,7 @@ def param_groups(
 
 def build_optimizer(name: str, groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
     # Adam's weight_decay is L2 added to the gradient (the seed's optimizer); AdamW's is decoupled.

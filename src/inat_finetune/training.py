@@ -112,11 +112,9 @@ class FineTuneModule(L.LightningModule):
         self.ema = make_ema(self.model, self.plan.ema_decay) if self.plan.ema_decay else None
 
     def apply_stage(self, start: int) -> None:
-        """Train from stage number ``start`` on (see stages.py); logged when it changes."""
+        """Train from stage number ``start`` on (see stages.py)."""
         if start != self.stage_start and self.plan.unfreeze is not None:
             apply_start(self.model, self.plan.unfreeze.stages, start)
-            if self.stage_start is not None:
-                log.info("Epoch %d: %s", self.current_epoch, self.plan.unfreeze.describe(start))
             self.stage_start = start
 
     def train(self, mode: bool = True) -> FineTuneModule:
@@ -135,6 +133,7 @@ class FineTuneModule(L.LightningModule):
             name = unfreeze.stages[self.stage_start].name
             if not self.unfreeze_history or self.unfreeze_history[-1][1] != name:
                 self.unfreeze_history.append((self.current_epoch, name))
+                log.info("Epoch %d: %s", self.current_epoch, unfreeze.describe(self.stage_start))
         self.train()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -227,7 +226,6 @@ class FineTuneModule(L.LightningModule):
             self.weight_decay,
             plan.backbone_lr_scale,
             plan.layer_decay,
-            plan.decay_norm_and_bias,
         )
         optimizer = build_optimizer(self.optimizer_name, groups, self.lr)
         if plan.lr_schedule == "constant" and not plan.warmup_epochs:
