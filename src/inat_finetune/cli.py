@@ -259,6 +259,81 @@ ResumeOpt = Annotated[
     ),
 ]
 
+# Fine-tuning recipes (issue 6); see docs/recipes.md.
+RecipeOpt = Annotated[
+    str | None,
+    _opt("--recipe", help="preset: seed (the original write-up) or strong; options override it"),
+]
+TrainFromOpt = Annotated[
+    str | None,
+    _opt("--train-from", help="train from this stage on (layer3, features.14, all); see errors"),
+]
+LpEpochsOpt = Annotated[
+    int | None,
+    _opt("--lp-epochs", help="LP-FT: head-only epochs before --train-from [default: 0]"),
+]
+UnfreezeScheduleOpt = Annotated[
+    str | None,
+    _opt("--unfreeze-schedule", help="gradual unfreezing, e.g. 0:head,2:layer4,4:layer3"),
+]
+BackboneLrScaleOpt = Annotated[
+    float | None, _opt("--backbone-lr-scale", help="backbone lr = lr * this [default: 1]")
+]
+LayerDecayOpt = Annotated[
+    float | None,
+    _opt("--layer-decay", help="lr * this per stage further from the head [default: 1]"),
+]
+LrScheduleOpt = Annotated[
+    str | None, _opt("--lr-schedule", help="constant, cosine or onecycle [default: constant]")
+]
+WarmupEpochsOpt = Annotated[
+    float | None, _opt("--warmup-epochs", help="linear lr warmup [default: 0]")
+]
+LabelSmoothingOpt = Annotated[float | None, _opt("--label-smoothing", help="e.g. 0.1 [default: 0]")]
+GradClipOpt = Annotated[
+    float | None, _opt("--grad-clip-norm", help="clip the gradient norm [default: off]")
+]
+EarlyStoppingOpt = Annotated[
+    int | None,
+    _opt("--early-stopping-patience", help="epochs without better val acc [default: off]"),
+]
+EmaDecayOpt = Annotated[
+    float | None,
+    _opt("--ema-decay", help="EMA of the weights, validated/tested/saved (0.999) [default: off]"),
+]
+ClassWeightedOpt = Annotated[
+    bool | None,
+    _opt("--class-weighted-loss/--no-class-weighted-loss", help="[default: off]"),
+]
+AugmentationOpt = Annotated[
+    str | None,
+    _opt("--augmentation", help="seed, trivialaugment or randaugment [default: seed]"),
+]
+RandomErasingOpt = Annotated[
+    float | None, _opt("--random-erasing", help="probability per image [default: 0]")
+]
+MixupOpt = Annotated[float | None, _opt("--mixup-alpha", help="MixUp (0.2) [default: off]")]
+CutmixOpt = Annotated[float | None, _opt("--cutmix-alpha", help="CutMix (1.0) [default: off]")]
+TestImgSizeOpt = Annotated[
+    int | None,
+    _opt("--test-img-size", help="val/test/inference size [default: --img-size]"),
+]
+TtaOpt = Annotated[
+    str | None,
+    _opt("--tta", help="test-time augmentation: none, flip, multicrop [default: none]"),
+]
+LrFindOpt = Annotated[
+    bool | None,
+    _opt("--lr-find", help="learning-rate range test: plot and suggestion, then stop"),
+]
+LrFindApplyOpt = Annotated[
+    bool | None,
+    _opt("--lr-find-apply", help="with --lr-find: train with the suggested lr"),
+]
+LrFindStepsOpt = Annotated[
+    int | None, _opt("--lr-find-steps", help="batches in the range test [default: 100]")
+]
+
 
 def _config_from(options: dict[str, Any]) -> Any:
     from inat_finetune.config import load_config
@@ -302,6 +377,28 @@ def train(
     checkpoint_steps: CheckpointStepsOpt = None,
     checkpoint_minutes: CheckpointMinutesOpt = None,
     resume: ResumeOpt = None,
+    recipe: RecipeOpt = None,
+    train_from: TrainFromOpt = None,
+    lp_epochs: LpEpochsOpt = None,
+    unfreeze_schedule: UnfreezeScheduleOpt = None,
+    backbone_lr_scale: BackboneLrScaleOpt = None,
+    layer_decay: LayerDecayOpt = None,
+    lr_schedule: LrScheduleOpt = None,
+    warmup_epochs: WarmupEpochsOpt = None,
+    label_smoothing: LabelSmoothingOpt = None,
+    grad_clip_norm: GradClipOpt = None,
+    early_stopping_patience: EarlyStoppingOpt = None,
+    ema_decay: EmaDecayOpt = None,
+    class_weighted_loss: ClassWeightedOpt = None,
+    augmentation: AugmentationOpt = None,
+    random_erasing: RandomErasingOpt = None,
+    mixup_alpha: MixupOpt = None,
+    cutmix_alpha: CutmixOpt = None,
+    test_img_size: TestImgSizeOpt = None,
+    tta: TtaOpt = None,
+    lr_find: LrFindOpt = None,
+    lr_find_apply: LrFindApplyOpt = None,
+    lr_find_steps: LrFindStepsOpt = None,
 ) -> None:
     """Fine-tune a pretrained backbone, keep the best checkpoint by val accuracy, and test it."""
     options = dict(locals())
@@ -318,6 +415,19 @@ def train(
     except UserError as exc:
         _fail(str(exc))
         return
+    found = result.results.get("lr_find")
+    if found is not None:
+        suggestion = found["suggestion"]
+        out.print(
+            "learning-rate range test: suggested lr "
+            + ("none (the loss never fell)" if suggestion is None else f"{suggestion:.3g}")
+            + f"; plot: {result.run_dir / 'figures' / 'lr_find.png'}",
+            soft_wrap=True,
+            highlight=False,
+        )
+        if not found["applied"]:
+            out.print("not applied: pass --lr <value>, or --lr-find-apply to train with it")
+            return
     _print_results(result.results, result.run_dir)
 
 
@@ -422,13 +532,23 @@ def evaluate(
     save: Annotated[
         Path | None, typer.Option("--save", help="write the result as JSON here")
     ] = None,
+    tta: Annotated[
+        bool, typer.Option("--tta", help="average with the mirrored image (2x the compute)")
+    ] = False,
+    multi_crop: Annotated[
+        bool,
+        typer.Option("--multi-crop", help="centre + 4 corner crops, each mirrored (10x)"),
+    ] = False,
 ) -> None:
     """Re-score a saved model on a test set (default: the run's own test split)."""
     from inat_finetune.evaluation import evaluate as run_evaluation
     from inat_finetune.evaluation import save_evaluation
 
+    mode = "multicrop" if multi_crop else "flip" if tta else "none"
     try:
-        result = run_evaluation(run_or_ckpt, data, batch_size, num_workers, accelerator, precision)
+        result = run_evaluation(
+            run_or_ckpt, data, batch_size, num_workers, accelerator, precision, tta=mode
+        )
     except UserError as exc:
         _fail(str(exc))
         return
@@ -436,6 +556,7 @@ def evaluate(
         save_evaluation(result, save)
     out.print(
         f"test accuracy: {100 * result['test_acc']:.2f}% on {result['num_test_images']} images"
+        + ("" if mode == "none" else f" (test-time augmentation: {mode})")
     )
     out.print(json.dumps(result["per_class_test_acc"], indent=2))
 

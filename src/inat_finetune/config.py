@@ -1,7 +1,8 @@
 """One validated configuration per run, settable from YAML and from the command line.
 
-Precedence: command-line option > YAML file (``--config``) > the defaults below, which are the
-original write-up's (Adam, lr 1e-3, cross-entropy, batch 32, 224 px from the weights preset).
+Precedence: command-line option > YAML file (``--config``) > recipe (``--recipe seed|strong``,
+see ``recipes.py``) > the defaults below, which are the original write-up's (Adam, lr 1e-3,
+cross-entropy, batch 32, 224 px from the weights preset).
 The resolved configuration is saved as ``config.yaml`` in the run directory; passing that file
 back with ``--config`` repeats the run.
 """
@@ -12,10 +13,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from inat_finetune.errors import UserError
 from inat_finetune.freezing import STRATEGIES
+
+STAGED = "staged"  # the strategy of a run whose stage schedule decides what trains
 
 
 class TrainConfig(BaseModel):
@@ -89,12 +92,107 @@ class TrainConfig(BaseModel):
         description="also write last.ckpt every N minutes of training (0: epoch ends only)",
     )
 
+    # Fine-tuning recipes (issue 6): see recipes.py, stages.py, optim.py, augment.py, tta.py.
+    recipe: Literal["seed", "strong"] | None = Field(
+        None, description="preset of the options below; explicit options override it"
+    )
+    train_from: str | None = Field(
+        None, description="stage from which the network trains (layer3, features.14, all)"
+    )
+    lp_epochs: int = Field(
+        0, ge=0, description="LP-FT: epochs of the head alone before train_from (default all)"
+    )
+    unfreeze_schedule: str | None = Field(
+        None, description="gradual unfreezing, EPOCH:STAGE,...: e.g. 0:head,2:layer4,4:layer3"
+    )
+    backbone_lr_scale: float = Field(1.0, gt=0, description="backbone lr = lr * this")
+    layer_decay: float = Field(
+        1.0, gt=0, le=1, description="each stage further from the head: lr * this once more"
+    )
+    lr_schedule: Literal["constant", "cosine", "onecycle"] = "constant"
+    warmup_epochs: float = Field(0.0, ge=0, description="linear warmup (also after unfreezing)")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    grad_clip_norm: float | None = Field(None, gt=0, description="clip the gradient norm")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="stop after this many epochs without a better val accuracy"
+    )
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1, description="validate, test and save an EMA of the weights (0.999)"
+    )
+    class_weighted_loss: bool = Field(False, description="weight the loss by 1/class frequency")
+    augmentation: Literal["seed", "trivialaugment", "randaugment"] = "seed"
+    random_erasing: float = Field(0.0, ge=0, le=1, description="probability per image")
+    mixup_alpha: float = Field(0.0, ge=0, description="MixUp on training batches (0 = off)")
+    cutmix_alpha: float = Field(0.0, ge=0, description="CutMix on training batches (0 = off)")
+    test_img_size: int | None = Field(
+        None, ge=16, description="validation/test/inference input size (default: img_size)"
+    )
+    tta: Literal["none", "flip", "multicrop"] = Field(
+        "none", description="test-time augmentation of the final test"
+    )
+    lr_find: bool = Field(False, description="run a learning-rate range test first")
+    lr_find_apply: bool = Field(False, description="train with the suggested learning rate")
+    lr_find_steps: int = Field(100, ge=5, description="batches in the range test")
+
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, value: str) -> str:
-        if value not in STRATEGIES:
+        if value not in STRATEGIES and value != STAGED:
             raise ValueError(f"unknown strategy '{value}'; use one of {', '.join(STRATEGIES)}")
         return value
+
+    @field_validator("unfreeze_schedule")
+    @classmethod
+    def _schedule_syntax(cls, value: str | None) -> str | None:
+        from inat_finetune.stages import format_schedule, parse_schedule
+
+        return None if value is None else format_schedule(parse_schedule(value))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stage_schedule_replaces_strategy(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        scheduled = [
+            k for k in ("train_from", "lp_epochs", "unfreeze_schedule") if data.get(k) is not None
+        ]
+        scheduled = [k for k in scheduled if not (k == "lp_epochs" and data[k] == 0)]
+        strategy = data.get("strategy")
+        if scheduled:
+            if strategy not in (None, STAGED):
+                raise ValueError(
+                    f"strategy {strategy} and {', '.join(scheduled)} both say what trains; "
+                    "give one of them"
+                )
+            if data.get("unfreeze_schedule") and len(scheduled) > 1:
+                raise ValueError(
+                    "unfreeze_schedule is the whole schedule; drop train_from and lp_epochs"
+                )
+            data = {**data, "strategy": STAGED}
+        elif strategy == STAGED:
+            raise ValueError("strategy staged needs train_from, lp_epochs or unfreeze_schedule")
+        return data
+
+    @model_validator(mode="after")
+    def _probe_leaves_time_to_tune(self) -> TrainConfig:
+        if self.lp_epochs and self.lp_epochs >= self.epochs:
+            raise ValueError(
+                f"lp_epochs {self.lp_epochs} leaves no epoch of {self.epochs} to fine-tune; "
+                "lower it (0 turns the linear probe off) or raise epochs"
+            )
+        return self
+
+    def stage_schedule(self) -> list[tuple[int, str]] | None:
+        """What trains from which epoch, when a stage schedule decides it; else None."""
+        from inat_finetune.stages import ALL, HEAD, parse_schedule
+
+        if self.strategy != STAGED:
+            return None
+        if self.unfreeze_schedule:
+            return parse_schedule(self.unfreeze_schedule)
+        if self.lp_epochs:
+            return [(0, HEAD), (self.lp_epochs, self.train_from or ALL)]
+        return [(0, self.train_from or ALL)]
 
     def to_yaml_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -106,11 +204,15 @@ def _explain(error: ValidationError, source: str) -> str:
     value = first.get("input")
     if first["type"] == "extra_forbidden":
         return f"{source}: unknown option {option!r}; see `inat-finetune train --help`"
+    if not first["loc"]:  # a rule across options: the message names them
+        return f"{source}: {first['msg'].removeprefix('Value error, ')}"
     return f"{source}: {option}={value!r}: {first['msg']}"
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
-    """Defaults, then the YAML file, then every override that is not None."""
+    """Defaults, then the recipe, then the YAML file, then every override that is not None."""
+    from inat_finetune.recipes import merge_layers, recipe_values
+
     values: dict[str, Any] = {}
     source = "options"
     if path is not None:
@@ -128,7 +230,9 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig
             raise UserError(f"--config {path}: must be a mapping of option: value")
         # Accept the command line's spelling too: freeze-percent as well as freeze_percent.
         values.update({str(k).replace("-", "_"): v for k, v in (loaded or {}).items()})
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    recipe = given.get("recipe", values.get("recipe"))
+    values = merge_layers([recipe_values(recipe), values, given])
     try:
         return TrainConfig(**values)
     except ValidationError as exc:

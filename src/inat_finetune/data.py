@@ -434,7 +434,13 @@ class FineTuneDataModule(L.LightningDataModule):
         augment: bool = True,
         seed: int = 42,
         image_store: Any = None,
+        train_transform: Any = None,
+        eval_preprocessing: Preprocessing | None = None,
+        test_transform: Any = None,
     ) -> None:
+        """``train_transform`` replaces the seed's augmentation; ``eval_preprocessing`` sets
+        another size for validation and test (``--test-img-size``); ``test_transform`` replaces
+        the test transform (multi-crop test-time augmentation needs the whole resized image)."""
         super().__init__()
         self.split = split
         self.preprocessing = preprocessing
@@ -444,14 +450,23 @@ class FineTuneDataModule(L.LightningDataModule):
         self.seed = seed
         # prepared.PreparedImages: read decoded, resized images instead of decoding the photos.
         self.image_store = image_store
+        self.train_transform = train_transform
+        self.eval_preprocessing = eval_preprocessing or preprocessing
+        self.test_transform = test_transform
 
     def dataset(self, split: str) -> Dataset:
-        pre = self.preprocessing
+        pre = self.preprocessing if split == "train" else self.eval_preprocessing
         if split == "train":
-            transform = build_train_transform(pre, self.augment)
+            transform = self.train_transform
+            if transform is None:
+                transform = build_train_transform(pre, self.augment)
+        elif split == "test" and self.test_transform is not None:
+            transform = self.test_transform
         else:
             transform = build_eval_transform(pre)
-        if self.image_store is not None:
+        # The store holds images at one resize size; a split evaluated at another size
+        # (--test-img-size) decodes the photos instead.
+        if self.image_store is not None and self.image_store.size == pre.resize_size:
             return self.image_store.dataset(self.split.samples(split), transform)
         return ImageListDataset(self.split.samples(split), transform, draft_size=pre.resize_size)
 

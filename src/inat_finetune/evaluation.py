@@ -79,11 +79,19 @@ def evaluate(
     accelerator: str = "auto",
     precision: str = "auto",
     progress: bool = True,
+    tta: str = "none",
 ) -> dict[str, Any]:
     """Test accuracy and per-class accuracy of a checkpoint on a dataset's test split.
 
     Without ``data`` a run directory is re-scored on the test split saved in its ``split.json``.
+    ``tta``: ``none``, ``flip`` (mean logits of the image and its mirror image) or
+    ``multicrop`` (centre and four corner crops, each also mirrored); see ``tta.py``.
     """
+    from inat_finetune.optim import TrainingPlan
+    from inat_finetune.tta import TTA_MODES, tta_eval_transform
+
+    if tta not in TTA_MODES:
+        raise UserError(f"--tta {tta}: unknown; use one of {', '.join(TTA_MODES)}")
     ckpt = find_checkpoint(run_or_ckpt)
     model, card = load_checkpoint(ckpt)
     run_dir = ckpt.parent.parent
@@ -95,9 +103,18 @@ def evaluate(
         raise UserError(f"{ckpt}: pass --data; there is no split.json next to this checkpoint")
     split = _remap_to_checkpoint_classes(split, card["class_names"])
     preprocessing = Preprocessing.from_dict(card["preprocessing"])
-    datamodule = FineTuneDataModule(split, preprocessing, batch_size, num_workers, augment=False)
+    datamodule = FineTuneDataModule(
+        split,
+        preprocessing,
+        batch_size,
+        num_workers,
+        augment=False,
+        test_transform=tta_eval_transform(preprocessing, tta),
+    )
     acc = resolve_accelerator(accelerator)
-    module = FineTuneModule(model, card, channels_last=resolve_channels_last(None, acc))
+    module = FineTuneModule(
+        model, card, channels_last=resolve_channels_last(None, acc), plan=TrainingPlan(tta=tta)
+    )
     trainer = L.Trainer(
         accelerator=acc,
         devices=1,
@@ -112,6 +129,7 @@ def evaluate(
         "checkpoint": str(ckpt),
         "data": split.root,
         "num_test_images": sum(len(v) for v in split.test.values()),
+        "tta": tta,
         "test_acc": float(tested[0]["test/acc"]),
         "test_loss": float(tested[0]["test/loss"]),
         "per_class_test_acc": dict(zip(classes, module.test_report["per_class_acc"], strict=True)),

@@ -129,6 +129,17 @@ def why_not_cacheable(
     model = module.model
     if config.augment:
         return "augmentation on; --no-augment lets a frozen backbone's features be cached"
+    plan = getattr(module, "plan", None)
+    if plan is not None:
+        # Recipe parts that need images, or a backbone that does not stay frozen.
+        if plan.unfreeze is not None:
+            return "an unfreezing schedule trains backbone stages later"
+        if getattr(module, "mixer", None) is not None:
+            return "mixup/cutmix mixes images"
+        if plan.tta != "none":
+            return "test-time augmentation transforms images"
+        if getattr(module, "ema", None) is not None:
+            return "EMA weights"
     training = [n for n, p in model.named_parameters() if p.requires_grad and not _in_tail(n, tail)]
     if training:
         return f"strategy {config.strategy} trains {len(training)} backbone tensors"

@@ -26,6 +26,7 @@ from inat_finetune.evaluation import find_checkpoint, load_checkpoint
 from inat_finetune.models import Preprocessing
 from inat_finetune.runfiles import write_json_atomic, write_text_atomic
 from inat_finetune.training import resolve_precision
+from inat_finetune.tta import tta_logits
 
 
 @dataclass
@@ -93,15 +94,13 @@ class Predictor:
     @torch.inference_mode()
     def logits(self, batch: torch.Tensor, tta: bool = False) -> torch.Tensor:
         """Logits for a preprocessed batch; with ``tta`` averaged with the mirrored batch."""
-        batch = batch.contiguous(memory_format=torch.channels_last)
+
+        def forward(images: torch.Tensor) -> torch.Tensor:
+            return self.model(images.contiguous(memory_format=torch.channels_last))
+
+        # The same test-time augmentation as evaluate (tta.py).
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            logits = self.model(batch).float()
-            if tta:
-                # A photo of an animal is as valid mirrored; averaging the two views smooths
-                # out predictions that hinge on left/right placement.
-                mirrored = batch.flip(dims=[3]).contiguous(memory_format=torch.channels_last)
-                logits = (logits + self.model(mirrored).float()) / 2
-        return logits
+            return tta_logits(forward, batch, "flip" if tta else "none")
 
     def top(self, logits: torch.Tensor, top_k: int) -> list[list[tuple[str, float]]]:
         probs = logits.softmax(dim=1)

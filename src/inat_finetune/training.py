@@ -27,10 +27,11 @@ from typing import Any
 import lightning as L
 import torch
 import torchmetrics
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import Logger, WandbLogger
 from torch import nn
 
+from inat_finetune.augment import batch_mixer, build_recipe_train_transform, dominant_labels
 from inat_finetune.checkpointing import (
     AtomicCheckpointIO,
     NonFiniteLossError,
@@ -42,19 +43,33 @@ from inat_finetune.checkpointing import (
 from inat_finetune.config import TrainConfig
 from inat_finetune.data import DataSplit, FineTuneDataModule, make_split
 from inat_finetune.features import cached_features, run_tail
-from inat_finetune.freezing import FreezeSummary, apply_strategy, hold_frozen_batchnorm
+from inat_finetune.freezing import FreezeSummary, hold_frozen_batchnorm
 from inat_finetune.models import get_model
+from inat_finetune.optim import (
+    TrainingPlan,
+    build_optimizer,
+    build_scheduler,
+    make_ema,
+    param_groups,
+    plan_from_config,
+    swap_ema_for_loading,
+    swap_ema_for_saving,
+)
 from inat_finetune.prepared import prepared_images_for
+from inat_finetune.recipes import recipe_card, recipe_results
 from inat_finetune.runfiles import (
     new_run_dir,
     write_json_atomic,
     write_text_atomic,
     write_yaml_atomic,
 )
+from inat_finetune.stages import apply_start
+from inat_finetune.tta import tta_eval_transform, tta_logits
 
 log = logging.getLogger(__name__)
 
 CARD_KEY = "inat_finetune"  # where a checkpoint keeps what is needed to use it
+STAGE_KEY = "inat_finetune_stage"  # the first trainable stage when the checkpoint was saved
 
 
 class FineTuneModule(L.LightningModule):
@@ -73,6 +88,7 @@ class FineTuneModule(L.LightningModule):
         weight_decay: float = 0.0,
         frozen_bn: str = "eval",
         channels_last: bool = False,
+        plan: TrainingPlan | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -102,6 +118,24 @@ class FineTuneModule(L.LightningModule):
         self.feature_tail: list[str] = []
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
+        # Stages, schedules, EMA, mixing, smoothing, TTA (optim.py); the defaults are the seed's.
+        self.plan = plan or TrainingPlan()
+        self.stage_start: int | None = None
+        self.unfreeze_history: list[tuple[int, str]] = []  # (epoch, first trainable stage)
+        if self.plan.unfreeze is not None:
+            self.apply_stage(self.plan.unfreeze.start_at(0))
+        weights = self.plan.class_weights
+        self.register_buffer(
+            "class_weights", torch.tensor(weights) if weights else None, persistent=False
+        )
+        self.mixer = batch_mixer(num_classes, self.plan.mixup_alpha, self.plan.cutmix_alpha)
+        self.ema = make_ema(self.model, self.plan.ema_decay) if self.plan.ema_decay else None
+
+    def apply_stage(self, start: int) -> None:
+        """Train from stage number ``start`` on (see stages.py)."""
+        if start != self.stage_start and self.plan.unfreeze is not None:
+            apply_start(self.model, self.plan.unfreeze.stages, start)
+            self.stage_start = start
 
     def train(self, mode: bool = True) -> FineTuneModule:
         super().train(mode)
@@ -111,29 +145,56 @@ class FineTuneModule(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         # Lightning (>= 2.2) never calls train() itself: it keeps whatever modes the modules
-        # have and restores them after validation. Set them here, every epoch.
+        # have and restores them after validation. Set them here, every epoch, after the
+        # unfreezing schedule has said which layers train (frozen BatchNorm is held in eval).
+        unfreeze = self.plan.unfreeze
+        if unfreeze is not None:
+            self.apply_stage(unfreeze.start_at(self.current_epoch))
+            name = unfreeze.stages[self.stage_start].name
+            if not self.unfreeze_history or self.unfreeze_history[-1][1] != name:
+                self.unfreeze_history.append((self.current_epoch, name))
+                log.info("Epoch %d: %s", self.current_epoch, unfreeze.describe(self.stage_start))
         self.train()
 
     def on_train_start(self) -> None:
         # A run resumed mid-epoch starts without on_train_epoch_start: set the modes here too.
         self.train()
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.global_step)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.feature_tail:
             return run_tail(self.model, self.feature_tail, images)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        if self.ema is not None and not self.training:
+            return self.ema.module(images)  # EMA on: the averaged weights are the model
         return self.model(images)
 
     def _shared_step(
         self, batch: Any, stage: str
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         images, labels = batch
-        logits = self(images)
-        loss = self.criterion(logits, labels)
+        if stage == "test" and self.plan.tta != "none":
+            crop = int(self.card["preprocessing"]["crop_size"])
+            logits = tta_logits(self, images, self.plan.tta, crop)
+        else:
+            logits = self(images)
         if stage == "train":
+            # Label smoothing and class weights shape the training loss only; validation and
+            # test report plain cross-entropy, comparable between recipes.
+            loss = nn.functional.cross_entropy(
+                logits,
+                labels,
+                weight=self.class_weights,
+                label_smoothing=self.plan.label_smoothing,
+            )
+            # Logged by on_train_epoch_end from states that checkpoints carry (resume).
             self.train_loss.update(loss.detach(), weight=len(labels))
             return loss, logits, labels
+        loss = self.criterion(logits, labels)
         self.log(
             f"{stage}/loss",
             loss,
@@ -145,7 +206,11 @@ class FineTuneModule(L.LightningModule):
         return loss, logits, labels
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.mixer is not None:
+            batch = self.mixer(*batch)  # labels become soft targets of shape (B, C)
         loss, logits, labels = self._shared_step(batch, "train")
+        if labels.ndim == 2:  # mixup/cutmix: accuracy against the dominant class
+            labels = dominant_labels(labels)
         self.train_acc.update(logits, labels)
         return loss
 
@@ -183,16 +248,43 @@ class FineTuneModule(L.LightningModule):
         self.test_per_class.reset()
         self.test_confusion.reset()
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if self.optimizer_name == "sgd":
-            return torch.optim.SGD(params, lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
-        if self.optimizer_name == "adamw":
-            return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+    def configure_optimizers(self) -> Any:
+        # Every parameter, frozen or not, in groups fixed by the architecture (optim.py): a
+        # resumed run rebuilds the same groups before Lightning loads the optimizer state.
+        plan = self.plan
+        groups = param_groups(
+            self.model,
+            plan.stages,
+            self.lr,
+            self.weight_decay,
+            plan.backbone_lr_scale,
+            plan.layer_decay,
+        )
+        optimizer = build_optimizer(self.optimizer_name, groups, self.lr)
+        if plan.lr_schedule == "constant" and not plan.warmup_epochs:
+            return optimizer  # the seed's: no schedule
+        scheduler = build_scheduler(
+            optimizer, plan, int(self.trainer.estimated_stepping_batches), self.trainer.max_epochs
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CARD_KEY] = self.card
+        if self.stage_start is not None:
+            checkpoint[STAGE_KEY] = self.stage_start
+        if self.ema is not None:
+            swap_ema_for_saving(checkpoint["state_dict"])
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning calls this before configure_optimizers when resuming: restore the stage so
+        # the trainable set is the saved one from the first step.
+        if self.ema is not None:
+            swap_ema_for_loading(checkpoint["state_dict"])
+        if STAGE_KEY in checkpoint and self.plan.unfreeze is not None:
+            self.apply_stage(int(checkpoint[STAGE_KEY]))
 
 
 def cpu_supports_bf16() -> bool:
@@ -313,7 +405,9 @@ def train(
     preflight(config, split)
     built = get_model(config.backbone, num_classes=len(split.classes), weights=config.weights)
     preprocessing = built.preprocessing.at_size(config.img_size)
-    summary = apply_strategy(built.model, built.head, config.strategy, config.freeze_percent)
+    # Freezing by strategy or by stage schedule, and the rest of the recipe (optim.py).
+    plan, summary = plan_from_config(config, built.model, built.head, split)
+    test_preprocessing = preprocessing.at_size(config.test_img_size)
 
     if run_dir is None:
         run_dir = new_run_dir(
@@ -337,15 +431,26 @@ def train(
         config.augment,
         config.seed,
         image_store=image_store,
+        train_transform=build_recipe_train_transform(
+            preprocessing, config.augmentation, config.random_erasing
+        )
+        if config.augment
+        else None,
+        eval_preprocessing=test_preprocessing,
+        test_transform=tta_eval_transform(test_preprocessing, config.tta),
     )
+    # The card's preprocessing is what evaluate/predict/export apply: the test-time one.
+    card = model_card(config, split, built, test_preprocessing, summary)
+    card.update(recipe_card(config, plan, preprocessing))
     module = FineTuneModule(
         built.model,
-        model_card(config, split, built, preprocessing, summary),
+        card,
         lr=config.lr,
         optimizer=config.optimizer,
         weight_decay=config.weight_decay,
         frozen_bn=config.frozen_bn,
         channels_last=channels_last,
+        plan=plan,
     )
     cached = cached_features(config, module, built.head, datamodule, accelerator, precision, progress)
     if cached.datamodule is not None:
@@ -385,18 +490,28 @@ def train(
     periodic = periodic_last_checkpoint(
         run_dir / "checkpoints", config.checkpoint_steps, config.checkpoint_minutes
     )
+    callbacks: list[Any] = [
+        checkpoint,
+        *([periodic] if periodic else []),
+        ResumeState(run_dir / "checkpoints"),
+        StopOnNonFiniteLoss(run_dir / "checkpoints"),
+    ]
+    if config.early_stopping_patience:
+        callbacks.append(
+            EarlyStopping(monitor="val/acc", mode="max", patience=config.early_stopping_patience)
+        )
     trainer = L.Trainer(
         max_epochs=config.epochs,
+        # Early stopping never ends a run before its last stage has started training.
+        min_epochs=min(plan.unfreeze.last_change + 1, config.epochs)
+        if plan.unfreeze and config.early_stopping_patience
+        else None,
+        gradient_clip_val=config.grad_clip_norm,
         accelerator=accelerator,
         devices=_parse_devices(config.devices),
         precision=precision,
         logger=build_loggers(config, run_dir),
-        callbacks=[
-            checkpoint,
-            *([periodic] if periodic else []),
-            ResumeState(run_dir / "checkpoints"),
-            StopOnNonFiniteLoss(run_dir / "checkpoints"),
-        ],
+        callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
         deterministic=False,
         enable_progress_bar=progress,
@@ -412,6 +527,10 @@ def train(
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*exists and is not empty.*")
         warnings.filterwarnings("ignore", ".*LeafSpec.*")
+        if config.lr_find:
+            found = lr_find_before_training(config, trainer, module, datamodule, run_dir)
+            if not found["applied"]:
+                return RunResult(run_dir=run_dir, results={"lr_find": found})
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         except BaseException as exc:
@@ -461,6 +580,7 @@ def train(
         "channels_last": channels_last,
         "speed_paths": speed_paths,
         "checkpoint": str(Path(checkpoint.best_model_path).relative_to(run_dir.resolve())),
+        **recipe_results(config, module),
     }
     write_predictions(run_dir / "test_predictions.csv", split, test_report["probabilities"])
     write_json_atomic(run_dir / "results.json", results)
@@ -475,6 +595,41 @@ def train(
         if isinstance(lg, WandbLogger):
             log_final_to_wandb(lg, results, figures, run_dir / "test_predictions.csv")
     return RunResult(run_dir=run_dir, results=results)
+
+
+def lr_find_before_training(
+    config: TrainConfig, trainer: L.Trainer, module: FineTuneModule, datamodule: Any, run_dir: Path
+) -> dict[str, Any]:
+    """``--lr-find``: the range test; with ``--lr-find-apply`` its suggestion becomes ``lr``."""
+    from dataclasses import replace
+
+    from inat_finetune.optim import run_lr_find
+
+    plan = module.plan
+    # Hold the first epoch's stage for the whole test: the range test spans several short
+    # epochs on small data, and an unfreeze in the middle would mix two experiments.
+    module.plan = replace(plan, unfreeze=None)
+    # Lightning stops the test at max_epochs; on small data that comes before its last step.
+    max_epochs = trainer.fit_loop.max_epochs
+    trainer.fit_loop.max_epochs = max(max_epochs, config.lr_find_steps)
+    try:
+        found = run_lr_find(
+            trainer, module, datamodule, run_dir, config.lr_find_steps, config.lr_find_apply
+        )
+    finally:
+        module.plan = plan
+        trainer.fit_loop.max_epochs = max_epochs
+    log.info(
+        "Learning-rate range test: suggested lr %s (%s); plot: %s",
+        "none" if found["suggestion"] is None else f"{found['suggestion']:.3g}",
+        "applied" if found["applied"] else "not applied; pass --lr-find-apply to use it",
+        run_dir / "figures" / "lr_find.png",
+    )
+    if found["applied"]:
+        # config.yaml repeats the run as trained: with this lr and no range test.
+        applied = config.model_copy(update={"lr": module.lr, "lr_find": False})
+        write_yaml_atomic(run_dir / "config.yaml", applied.to_yaml_dict())
+    return found
 
 
 def log_final_to_wandb(
