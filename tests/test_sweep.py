@@ -127,6 +127,14 @@ def test_wandb_export_is_the_same_space_and_feeds_train(tmp_path, data):
     assert yaml.safe_load(out.read_text()) == config
 
 
+def test_example_sweep_file_is_valid():
+    spec, base = load_sweep_spec(ROOT / "examples" / "sweep.yaml")
+    assert base.backbone == "resnet50" and "freeze_percent" in spec.search
+    assert spec.search["freeze_percent"].when == {"strategy": "freeze_k_percent"}
+    params = wandb_sweep_config(ROOT / "examples" / "sweep.yaml")["parameters"]
+    assert params["devices"] == {"value": "1"}  # one process per trial, as in Optuna sweeps
+
+
 def test_sweep_refuses_several_devices(tmp_path, data):
     path = tmp_path / "s.yaml"
     path.write_text(

@@ -336,6 +336,21 @@ def _within_budget(study: optuna.Study, number: int, budget: int) -> bool:
     return len(earlier) < budget
 
 
+def _one_device(base: TrainConfig, spec_path: str | Path) -> TrainConfig:
+    """Trials run in one process each: scale a sweep out by workers, not by DDP in a trial."""
+    accelerator = resolve_accelerator(base.accelerator)
+    if base.num_nodes > 1 or (
+        base.devices not in ("auto", "-1") and count_devices(base.devices, accelerator) > 1
+    ):
+        raise UserError(
+            f"--config {spec_path}: a sweep trial runs in one process (devices: 1); to use "
+            "several GPUs run one worker per GPU: CUDA_VISIBLE_DEVICES=0 inat-finetune sweep ..."
+        )
+    if base.data is None:
+        raise UserError(f"--config {spec_path}: base: needs data: (or pass --data)")
+    return base.model_copy(update={"devices": "1"})
+
+
 def sweep_dir_for(output: str | Path, study_name: str) -> Path:
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", study_name).strip("-") or "sweep"
     return Path(output) / f"sweep-{safe}"
@@ -354,17 +369,7 @@ def run_sweep(
     if trials < 0:
         raise UserError(f"--trials {trials}: must be 0 (only write the report) or more")
     spec, base = load_sweep_spec(spec_path, **overrides)
-    accelerator = resolve_accelerator(base.accelerator)
-    if base.num_nodes > 1 or (
-        base.devices not in ("auto", "-1") and count_devices(base.devices, accelerator) > 1
-    ):
-        raise UserError(
-            f"--config {spec_path}: a sweep trial runs in one process (devices: 1); to use "
-            "several GPUs run one worker per GPU: CUDA_VISIBLE_DEVICES=0 inat-finetune sweep ..."
-        )
-    if base.data is None:
-        raise UserError(f"--config {spec_path}: base: needs data: (or pass --data)")
-    base = base.model_copy(update={"devices": "1"})
+    base = _one_device(base, spec_path)
     name = study_name or spec.study_name or Path(spec_path).stem
     sweep_dir = sweep_dir_for(base.output, name)
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -574,6 +579,7 @@ def wandb_sweep_config(spec_path: str | Path, **overrides: Any) -> dict[str, Any
     freeze_k_percent).
     """
     spec, base = load_sweep_spec(spec_path, **overrides)
+    base = _one_device(base, spec_path)
     parameters: dict[str, Any] = {
         name: {"value": value}
         for name, value in {**base.to_yaml_dict(), "wandb": True}.items()

@@ -91,7 +91,8 @@ class FineTuneModule(L.LightningModule):
         self.test_confusion = torchmetrics.classification.MulticlassConfusionMatrix(num_classes)
         # Losses as metric objects: under DDP they reduce exactly (sum and count across ranks)
         # also when ranks hold different numbers of images, which Lightning's sync_dist mean of
-        # a plain tensor gets wrong (it averages the counts in integer arithmetic).
+        # a plain tensor gets wrong (it averages the counts in integer arithmetic: Lightning
+        # issue 21859).
         self.train_loss = torchmetrics.MeanMetric()
         self.val_loss = torchmetrics.MeanMetric()
         self.test_loss = torchmetrics.MeanMetric()
