@@ -18,7 +18,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch.multiprocessing as mp
 from conftest import ROOT, make_class_folders
+from dist_worker import collectives, free_port
 
 from inat_finetune import distributed
 from inat_finetune.config import load_config
@@ -127,6 +129,18 @@ def test_devices_as_a_yaml_number_and_num_nodes_refused_without_launcher(tmp_pat
     assert (config.devices, config.num_nodes, config.scale_lr) == ("2", 2, "linear")
     with pytest.raises(UserError, match="--num-nodes 2"):
         train(config)
+
+
+def test_helpers_in_a_real_process_group(tmp_path):
+    """rank_zero_first, shared_directory, gather_shards and broadcast_from_zero on 2 ranks."""
+    world = 2
+    mp.spawn(collectives, args=(world, free_port(), str(tmp_path)), nprocs=world)
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    assert all(r["cache"] for r in records)  # rank 1 ran its block after rank 0's
+    assert len({r["dir"] for r in records}) == 1  # one directory, made once
+    assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 1
+    assert all(r["merged"] == [float(i) for i in range(9)] for r in records)
+    assert all(r["error"] == "bad data" for r in records)  # rank 0's error reaches every rank
 
 
 # ---------------------------------------------------------------------------------------------

@@ -86,6 +86,14 @@ def is_global_zero() -> bool:
     return global_rank() == 0
 
 
+def local_rank() -> int:
+    """This process's rank on its own machine."""
+    environment = launcher_environment()
+    if environment is not None:
+        return environment.local_rank()
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
 # ---------------------------------------------------------------------------------------------
 # How many processes
 
@@ -220,18 +228,20 @@ def barrier() -> None:
 
 
 @contextmanager
-def rank_zero_first() -> Iterator[None]:
+def rank_zero_first(per_node: bool = False) -> Iterator[None]:
     """Rank 0 runs the block first; the other ranks run it once rank 0 has finished.
 
-    For caches written to a shared disk: rank 0 builds, the others then find it built::
+    For caches: rank 0 builds, the others then find it built and only read it::
 
         with rank_zero_first():
             features = load_or_build_feature_cache(...)  # builds on rank 0, loads elsewhere
 
-    Before Lightning has started the other local processes there is nothing to wait for: they
-    are started later and re-run this code after rank 0 has finished it.
+    ``per_node=True`` for a cache on each machine's local disk: the first process of every
+    machine builds its machine's copy, all at the same time. Every rank must enter the block
+    (it holds a barrier). Before Lightning has started the other local processes there is
+    nothing to wait for: they are started later and re-run this code after rank 0 has finished.
     """
-    zero = is_global_zero()
+    zero = (local_rank() if per_node else global_rank()) == 0
     if not zero:
         barrier()
     try:
