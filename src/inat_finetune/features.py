@@ -274,7 +274,11 @@ class FeatureDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        from inat_finetune.sampling import ResumableLoader
+
+        # The same order (and resumability) as FineTuneDataModule's training loader, so a
+        # cached and an uncached run take the same steps on the same samples.
+        return ResumableLoader(self.datasets["train"], self.batch_size, self.seed)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
