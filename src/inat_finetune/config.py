@@ -245,7 +245,11 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig
         values.update({str(k).replace("-", "_"): v for k, v in (loaded or {}).items()})
     given = {k: v for k, v in overrides.items() if v is not None}
     recipe = given.get("recipe", values.get("recipe"))
-    values = merge_layers([recipe_values(recipe), values, given])
+    try:
+        preset = recipe_values(recipe)
+    except UserError as exc:
+        raise UserError(f"{source}: {exc}") from None
+    values = merge_layers([preset, values, given])
     try:
         return TrainConfig(**values)
     except ValidationError as exc:
