@@ -232,7 +232,11 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig
         values.update({str(k).replace("-", "_"): v for k, v in (loaded or {}).items()})
     given = {k: v for k, v in overrides.items() if v is not None}
     recipe = given.get("recipe", values.get("recipe"))
-    values = merge_layers([recipe_values(recipe), values, given])
+    try:
+        base = recipe_values(recipe)
+    except UserError as exc:  # name the file when the recipe came from it
+        raise UserError(str(exc) if "recipe" in given else f"{source}: {exc}") from None
+    values = merge_layers([base, values, given])
     try:
         return TrainConfig(**values)
     except ValidationError as exc:

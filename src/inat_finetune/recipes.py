@@ -88,7 +88,7 @@ DISPLACES: dict[str, tuple[str, ...]] = {
 def recipe_values(name: str | None) -> dict[str, Any]:
     if name is None:
         return {}
-    if name not in RECIPES:
+    if not isinstance(name, str) or name not in RECIPES:
         raise UserError(f"--recipe {name}: unknown; use one of {', '.join(RECIPES)}")
     return dict(RECIPES[name])
 
