@@ -52,6 +52,10 @@ RECIPE = dict(
     augmentation="trivialaugment",
     random_erasing=0.25,
 )
+# No augmentation and a frozen backbone: the head trains on stored features (features.py),
+# through another data module.
+FEATURES = dict(OPTIONS, augment=False)
+VARIANTS = {"recipe": RECIPE, "features": FEATURES}
 STEPS_PER_EPOCH = 5
 # How long, and which caches were built or reused: these describe the process, not the run.
 TIMINGS = ("train_time_s", "test_time_s", "speed_paths")
@@ -92,10 +96,19 @@ def uninterrupted(data, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted_recipe(data, tmp_path_factory) -> Path:
-    output = tmp_path_factory.mktemp("uninterrupted_recipe")
-    cfg = load_config(None, data=str(data), output=str(output), run_name="r", **RECIPE)
-    return train(cfg, progress=False, report=False).run_dir
+def uninterrupted_variant(data, tmp_path_factory):
+    """The uninterrupted run of a VARIANTS entry, trained once per module when first asked."""
+    runs: dict[str, Path] = {}
+
+    def run_of(name: str) -> Path:
+        if name not in runs:
+            output = tmp_path_factory.mktemp(f"uninterrupted_{name}")
+            options = VARIANTS[name]
+            cfg = load_config(None, data=str(data), output=str(output), run_name="r", **options)
+            runs[name] = train(cfg, progress=False, report=False).run_dir
+        return runs[name]
+
+    return run_of
 
 
 def _step_in_second_epoch(checkpoint: Path) -> int | None:
@@ -108,7 +121,7 @@ def _step_in_second_epoch(checkpoint: Path) -> int | None:
 
 
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(
-    data, uninterrupted_recipe, tmp_path
+    data, uninterrupted_variant, tmp_path
 ):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     output = tmp_path / "killed"
@@ -139,14 +152,17 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(
 
     result = CliRunner().invoke(app, ["train", "--resume", str(run)])
     assert result.exit_code == 0, result.output
-    _same_run(run, uninterrupted_recipe)
+    _same_run(run, uninterrupted_variant("recipe"))
     assert not list(run.rglob("*.tmp"))
 
 
 def test_sigterm_saves_the_current_step_and_resume_matches(
-    data, uninterrupted_recipe, tmp_path, monkeypatch
+    data, uninterrupted_variant, tmp_path, monkeypatch
 ):
-    """A pre-empted machine gets SIGTERM: the run saves the step it is on and exits 143."""
+    """A pre-empted machine gets SIGTERM: the run saves the step it is on and exits 143.
+
+    On the feature-cache path (the SIGKILL test covers the image path, with a recipe)."""
+    variant = "features"
     step = training.FineTuneModule.training_step
 
     def signalled(self, batch, batch_idx):
@@ -155,7 +171,7 @@ def test_sigterm_saves_the_current_step_and_resume_matches(
         return step(self, batch, batch_idx)
 
     monkeypatch.setattr(training.FineTuneModule, "training_step", signalled)
-    no_periodic = {**RECIPE, "checkpoint_steps": None, "checkpoint_minutes": 0}
+    no_periodic = {**VARIANTS[variant], "checkpoint_steps": None, "checkpoint_minutes": 0}
     cfg = load_config(None, data=str(data), output=str(tmp_path), run_name="r", **no_periodic)
     with pytest.raises(SystemExit) as info:
         train(cfg, progress=False, report=False)
@@ -164,7 +180,10 @@ def test_sigterm_saves_the_current_step_and_resume_matches(
     assert read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 4
     monkeypatch.undo()
     resume_run(run, {}, progress=False)
-    _same_run(run, uninterrupted_recipe)
+    uninterrupted = uninterrupted_variant(variant)
+    _same_run(run, uninterrupted)
+    cache = json.loads((uninterrupted / "results.json").read_text())["speed_paths"]
+    assert cache["feature_cache"].startswith("on")
 
 
 def test_extending_a_finished_run_equals_training_longer(data, uninterrupted, tmp_path):

@@ -274,7 +274,15 @@ class FeatureDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        # Resumable mid-epoch, in the same order scheme as FineTuneDataModule (see sampling).
+        from inat_finetune.sampling import ResumableLoader
+
+        return ResumableLoader(
+            self.datasets["train"],
+            self.batch_size,
+            self.seed,
+            pin_memory=torch.cuda.is_available(),
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
