@@ -146,6 +146,7 @@ class ResumeState(Callback):
     def __init__(self, checkpoint_dir: Path) -> None:
         self.last = Path(checkpoint_dir) / "last.ckpt"
         self._pending_rng: dict[str, Any] | None = None
+        self._pending_loader: list[dict[str, Any]] = []
 
     def on_save_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
@@ -161,6 +162,21 @@ class ResumeState(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         self._pending_rng = checkpoint.get(RESUME_KEY, {}).get("rng")
+        fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
+        self._pending_loader = fit_loop.get("state_dict", {}).get("combined_loader", [])
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning gives the train loader its saved position only if the loader is first set
+        # up after the checkpoint is restored. A learning-rate schedule that asks for
+        # trainer.estimated_stepping_batches sets it up earlier, and the position is dropped.
+        # So it is handed over here, before the first batch is drawn. (The sampler applies it
+        # only to the epoch it was saved in, so handing it over twice does no harm.)
+        from inat_finetune.sampling import ResumableLoader
+
+        loader = trainer.train_dataloader
+        if self._pending_loader and isinstance(loader, ResumableLoader):
+            loader.load_state_dict(self._pending_loader[0])
+        self._pending_loader = []
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
@@ -208,6 +224,22 @@ class StopOnNonFiniteLoss(Callback):
             f"{trainer.global_step}; the run stopped and {kept}. Lower --lr"
             f"{f' (now {lr:g})' if lr is not None else ''} or check the data, then start a new run"
         )
+
+
+class BestAndLastCheckpoint(ModelCheckpoint):
+    """``best.ckpt`` by the monitored metric, and ``last.ckpt`` at the end of *every* epoch.
+
+    Lightning (2.6) writes ``last.ckpt`` at an epoch's end only when that epoch was a new best,
+    and once more when training ends; a run killed after an epoch that was not a new best would
+    redo it. Here ``last.ckpt`` follows every validation, after the best score is updated, so the
+    checkpoint's record of the best is never older than ``best.ckpt`` itself.
+    """
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        # Skipped when the parent just wrote last.ckpt (a new best) at this step.
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 def periodic_last_checkpoint(

@@ -246,10 +246,10 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig
     given = {k: v for k, v in overrides.items() if v is not None}
     recipe = given.get("recipe", values.get("recipe"))
     try:
-        preset = recipe_values(recipe)
-    except UserError as exc:
-        raise UserError(f"{source}: {exc}") from None
-    values = merge_layers([preset, values, given])
+        base = recipe_values(recipe)
+    except UserError as exc:  # name the file when the recipe came from it
+        raise UserError(str(exc) if "recipe" in given else f"{source}: {exc}") from None
+    values = merge_layers([base, values, given])
     try:
         return TrainConfig(**values)
     except ValidationError as exc:

@@ -274,11 +274,15 @@ class FeatureDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        # Resumable mid-epoch, in the same order scheme as FineTuneDataModule (see sampling).
         from inat_finetune.sampling import ResumableLoader
 
-        # The same order (and resumability) as FineTuneDataModule's training loader, so a
-        # cached and an uncached run take the same steps on the same samples.
-        return ResumableLoader(self.datasets["train"], self.batch_size, self.seed)
+        return ResumableLoader(
+            self.datasets["train"],
+            self.batch_size,
+            self.seed,
+            pin_memory=torch.cuda.is_available(),
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)

@@ -27,13 +27,14 @@ from typing import Any
 import lightning as L
 import torch
 import torchmetrics
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping
 from lightning.pytorch.loggers import Logger, WandbLogger
 from torch import nn
 
 from inat_finetune.augment import batch_mixer, build_recipe_train_transform, dominant_labels
 from inat_finetune.checkpointing import (
     AtomicCheckpointIO,
+    BestAndLastCheckpoint,
     NonFiniteLossError,
     ResumeState,
     RunCSVLogger,
@@ -81,6 +82,7 @@ log = logging.getLogger(__name__)
 
 CARD_KEY = "inat_finetune"  # where a checkpoint keeps what is needed to use it
 STAGE_KEY = "inat_finetune_stage"  # the first trainable stage when the checkpoint was saved
+HISTORY_KEY = "inat_finetune_unfreeze_history"  # (epoch, stage) changes so far, for results
 
 
 class FineTuneModule(L.LightningModule):
@@ -177,9 +179,14 @@ class FineTuneModule(L.LightningModule):
         # A run resumed mid-epoch starts without on_train_epoch_start: set the modes here too.
         self.train()
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here, not in on_train_batch_end: checkpoints written at the end of a step (periodic,
+        # SIGTERM) are saved by callbacks before the module's on_train_batch_end runs, and must
+        # hold the average that includes this step. global_step counts this step only after
+        # the hook returns, hence + 1.
         if self.ema is not None:
-            self.ema.update(self.model, step=self.global_step)
+            self.ema.update(self.model, step=self.global_step + 1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.feature_tail:
@@ -289,6 +296,7 @@ class FineTuneModule(L.LightningModule):
         checkpoint[CARD_KEY] = self.card
         if self.stage_start is not None:
             checkpoint[STAGE_KEY] = self.stage_start
+            checkpoint[HISTORY_KEY] = [list(change) for change in self.unfreeze_history]
         if self.ema is not None:
             swap_ema_for_saving(checkpoint["state_dict"])
 
@@ -299,6 +307,10 @@ class FineTuneModule(L.LightningModule):
             swap_ema_for_loading(checkpoint["state_dict"])
         if STAGE_KEY in checkpoint and self.plan.unfreeze is not None:
             self.apply_stage(int(checkpoint[STAGE_KEY]))
+            trainer = self._trainer
+            if trainer is not None and trainer.state.fn == "fit":  # resuming, not testing best
+                history = checkpoint.get(HISTORY_KEY, [])
+                self.unfreeze_history = [(int(epoch), str(name)) for epoch, name in history]
 
 
 def cpu_supports_bf16() -> bool:
@@ -533,7 +545,7 @@ def train(
         speed_paths["compile"],
         run_dir,
     )
-    checkpoint = ModelCheckpoint(
+    checkpoint = BestAndLastCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best",
         monitor="val/acc",
