@@ -418,10 +418,11 @@ def train(
     ``distributed``). ``callbacks`` are extra Lightning callbacks (the sweep's pruning).
     """
     from inat_finetune.errors import UserError
-    from inat_finetune.preflight import preflight
+    from inat_finetune.preflight import check_machine, preflight
 
     if config.data is None and split is None:
         raise UserError("--data is required: the folder that holds the images")
+    check_machine(config)  # before planning processes: their errors would hide this one
     accelerator = resolve_accelerator(config.accelerator)
     world = plan_world(config.devices, config.num_nodes, accelerator)
     join_launched_group(accelerator)
