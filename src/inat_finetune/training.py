@@ -121,7 +121,6 @@ class FineTuneModule(L.LightningModule):
         # Stages, schedules, EMA, mixing, smoothing, TTA (optim.py); the defaults are the seed's.
         self.plan = plan or TrainingPlan()
         self.stage_start: int | None = None
-        self.unfreeze_history: list[tuple[int, str]] = []  # (epoch, first trainable stage)
         if self.plan.unfreeze is not None:
             self.apply_stage(self.plan.unfreeze.start_at(0))
         weights = self.plan.class_weights
@@ -149,19 +148,21 @@ class FineTuneModule(L.LightningModule):
         # unfreezing schedule has said which layers train (frozen BatchNorm is held in eval).
         unfreeze = self.plan.unfreeze
         if unfreeze is not None:
-            self.apply_stage(unfreeze.start_at(self.current_epoch))
-            name = unfreeze.stages[self.stage_start].name
-            if not self.unfreeze_history or self.unfreeze_history[-1][1] != name:
-                self.unfreeze_history.append((self.current_epoch, name))
-                log.info("Epoch %d: %s", self.current_epoch, unfreeze.describe(self.stage_start))
+            start = unfreeze.start_at(self.current_epoch)
+            if start != self.stage_start:
+                log.info("Epoch %d: %s", self.current_epoch, unfreeze.describe(start))
+            self.apply_stage(start)
         self.train()
 
     def on_train_start(self) -> None:
         # A run resumed mid-epoch starts without on_train_epoch_start: set the modes here too.
         self.train()
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
+            # Here rather than in on_train_batch_end: a checkpoint that a callback writes at
+            # the end of this batch (resume) must already hold this step's average.
             self.ema.update(self.model, step=self.global_step)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -263,13 +264,22 @@ class FineTuneModule(L.LightningModule):
         optimizer = build_optimizer(self.optimizer_name, groups, self.lr)
         if plan.lr_schedule == "constant" and not plan.warmup_epochs:
             return optimizer  # the seed's: no schedule
-        scheduler = build_scheduler(
-            optimizer, plan, int(self.trainer.estimated_stepping_batches), self.trainer.max_epochs
-        )
+        scheduler = build_scheduler(optimizer, plan, self._total_steps(), self.trainer.max_epochs)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+    def _total_steps(self) -> int:
+        """Optimizer steps in the whole run, for the learning-rate schedule."""
+        trainer = self.trainer
+        if trainer.datamodule is None:
+            return int(trainer.estimated_stepping_batches)
+        # Not trainer.estimated_stepping_batches: it sets up Lightning's train loader before a
+        # resumed run has restored the loader's position, and Lightning then never restores it
+        # (the run would start its interrupted epoch over). Count a loader of our own instead.
+        batches = len(trainer.datamodule.train_dataloader())
+        return max(1, batches // trainer.accumulate_grad_batches) * trainer.max_epochs
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CARD_KEY] = self.card
@@ -452,7 +462,9 @@ def train(
         channels_last=channels_last,
         plan=plan,
     )
-    cached = cached_features(config, module, built.head, datamodule, accelerator, precision, progress)
+    cached = cached_features(
+        config, module, built.head, datamodule, accelerator, precision, progress
+    )
     if cached.datamodule is not None:
         datamodule, module.feature_tail = cached.datamodule, cached.tail
     elif config.compile:
@@ -580,7 +592,7 @@ def train(
         "channels_last": channels_last,
         "speed_paths": speed_paths,
         "checkpoint": str(Path(checkpoint.best_model_path).relative_to(run_dir.resolve())),
-        **recipe_results(config, module),
+        **recipe_results(config, module, trainer.current_epoch),
     }
     write_predictions(run_dir / "test_predictions.csv", split, test_report["probabilities"])
     write_json_atomic(run_dir / "results.json", results)
