@@ -523,3 +523,42 @@ def test_run_stopped_mid_schedule_resumes_exactly(tmp_path, monkeypatch):
     )
     assert wa.keys() == wb.keys() and any(k.startswith("training_model.") for k in wa)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_smoothing_and_class_weights_shape_the_training_loss_only():
+    from inat_finetune.optim import class_weights
+
+    weights = class_weights({"a": 30, "b": 10, "c": 20}, ["a", "b", "c"])
+    assert weights == pytest.approx([60 / 90, 60 / 30, 60 / 60])
+    torch.manual_seed(0)
+    module = FineTuneModule(
+        TinyResNet(), CARD, plan=TrainingPlan(label_smoothing=0.1, class_weights=weights)
+    )
+    module.log = lambda *a, **k: None
+    batch = (torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2]))
+    module.eval()  # the same logits for both calls
+    train_loss, logits, _ = module._shared_step(batch, "train")
+    val_loss, _, _ = module._shared_step(batch, "val")
+    expected = torch.nn.functional.cross_entropy(
+        logits, batch[1], weight=torch.tensor(weights), label_smoothing=0.1
+    )
+    assert train_loss.item() == pytest.approx(expected.item())
+    assert val_loss.item() == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, batch[1]).item()
+    )
+
+
+def test_onecycle_keeps_the_discriminative_ratio():
+    model = TinyResNet()
+    stages = backbone_stages(model, "fc")
+    plan = TrainingPlan(stages=stages, lr_schedule="onecycle", backbone_lr_scale=0.1)
+    optimizer = build_optimizer("sgd", param_groups(model, stages, 1.0, 0.0, 0.1), 1.0)
+    scheduler = build_scheduler(optimizer, plan, total_steps=20, max_epochs=2)
+    peaks: dict[str, float] = {}
+    for _ in range(20):
+        for group in optimizer.param_groups:
+            peaks[group["name"]] = max(peaks.get(group["name"], 0.0), group["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert peaks["head"] == pytest.approx(1.0, rel=0.05)
+    assert peaks["layer4"] == pytest.approx(0.1, rel=0.05)
