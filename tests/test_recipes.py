@@ -562,3 +562,19 @@ def test_onecycle_keeps_the_discriminative_ratio():
         scheduler.step()
     assert peaks["head"] == pytest.approx(1.0, rel=0.05)
     assert peaks["layer4"] == pytest.approx(0.1, rel=0.05)
+
+
+def test_policies_run_on_prepared_tensor_images_of_bicubic_models():
+    """The image cache hands tensors to the transforms; EfficientNet-Lite0 resizes bicubically."""
+    from torchvision import tv_tensors
+
+    from inat_finetune.augment import build_recipe_train_transform
+    from inat_finetune.models import Preprocessing
+
+    pre = Preprocessing(32, 36, (0.5,) * 3, (0.5,) * 3, "bicubic")
+    image = tv_tensors.Image(torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8))
+    for policy in ("trivialaugment", "randaugment"):
+        transform = build_recipe_train_transform(pre, policy, random_erasing=0.5)
+        torch.manual_seed(0)
+        for _ in range(40):  # every operation of the policy gets drawn
+            assert transform(image).shape == (3, 32, 32)
