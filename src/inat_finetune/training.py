@@ -140,7 +140,6 @@ class FineTuneModule(L.LightningModule):
         # Stages, schedules, EMA, mixing, smoothing, TTA (optim.py); the defaults are the seed's.
         self.plan = plan or TrainingPlan()
         self.stage_start: int | None = None
-        self.unfreeze_history: list[tuple[int, str]] = []  # (epoch, first trainable stage)
         if self.plan.unfreeze is not None:
             self.apply_stage(self.plan.unfreeze.start_at(0))
         weights = self.plan.class_weights
@@ -168,11 +167,10 @@ class FineTuneModule(L.LightningModule):
         # unfreezing schedule has said which layers train (frozen BatchNorm is held in eval).
         unfreeze = self.plan.unfreeze
         if unfreeze is not None:
-            self.apply_stage(unfreeze.start_at(self.current_epoch))
-            name = unfreeze.stages[self.stage_start].name
-            if not self.unfreeze_history or self.unfreeze_history[-1][1] != name:
-                self.unfreeze_history.append((self.current_epoch, name))
-                log.info("Epoch %d: %s", self.current_epoch, unfreeze.describe(self.stage_start))
+            start = unfreeze.start_at(self.current_epoch)
+            if start != self.stage_start:
+                log.info("Epoch %d: %s", self.current_epoch, unfreeze.describe(start))
+            self.apply_stage(start)
         self.train()
 
     def on_train_start(self) -> None:
@@ -284,13 +282,22 @@ class FineTuneModule(L.LightningModule):
         optimizer = build_optimizer(self.optimizer_name, groups, self.lr)
         if plan.lr_schedule == "constant" and not plan.warmup_epochs:
             return optimizer  # the seed's: no schedule
-        scheduler = build_scheduler(
-            optimizer, plan, int(self.trainer.estimated_stepping_batches), self.trainer.max_epochs
-        )
+        scheduler = build_scheduler(optimizer, plan, self._total_steps(), self.trainer.max_epochs)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+    def _total_steps(self) -> int:
+        """Optimizer steps in the whole run, for the learning-rate schedule."""
+        trainer = self.trainer
+        if trainer.datamodule is None:
+            return int(trainer.estimated_stepping_batches)
+        # Not trainer.estimated_stepping_batches: it sets up Lightning's train loader before a
+        # resumed run has restored the loader's position, and Lightning then never restores it
+        # (the run would start its interrupted epoch over). Count a loader of our own instead.
+        batches = len(trainer.datamodule.train_dataloader())
+        return max(1, batches // trainer.accumulate_grad_batches) * trainer.max_epochs
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CARD_KEY] = self.card
@@ -657,7 +664,7 @@ def train(
         "processes": world.processes,
         "global_batch_size": global_batch,
         "lr": lr,
-        **recipe_results(config, module),
+        **recipe_results(config, module, trainer.current_epoch),
     }
     if not zero:
         return RunResult(run_dir=run_dir, results=results)
