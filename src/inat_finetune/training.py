@@ -82,7 +82,6 @@ log = logging.getLogger(__name__)
 
 CARD_KEY = "inat_finetune"  # where a checkpoint keeps what is needed to use it
 STAGE_KEY = "inat_finetune_stage"  # the first trainable stage when the checkpoint was saved
-HISTORY_KEY = "inat_finetune_unfreeze_history"  # (epoch, stage) changes so far, for results
 
 
 class FineTuneModule(L.LightningModule):
@@ -303,7 +302,6 @@ class FineTuneModule(L.LightningModule):
         checkpoint[CARD_KEY] = self.card
         if self.stage_start is not None:
             checkpoint[STAGE_KEY] = self.stage_start
-            checkpoint[HISTORY_KEY] = [list(change) for change in self.unfreeze_history]
         if self.ema is not None:
             swap_ema_for_saving(checkpoint["state_dict"])
 
@@ -314,10 +312,6 @@ class FineTuneModule(L.LightningModule):
             swap_ema_for_loading(checkpoint["state_dict"])
         if STAGE_KEY in checkpoint and self.plan.unfreeze is not None:
             self.apply_stage(int(checkpoint[STAGE_KEY]))
-            trainer = self._trainer
-            if trainer is not None and trainer.state.fn == "fit":  # resuming, not testing best
-                history = checkpoint.get(HISTORY_KEY, [])
-                self.unfreeze_history = [(int(epoch), str(name)) for epoch, name in history]
 
 
 def cpu_supports_bf16() -> bool:
