@@ -17,6 +17,10 @@ chosen on validation accuracy. Seeds vary initialisation, augmentation and batch
 ``strong`` the same checkpoint is also scored without test-time augmentation, to show what
 TTA adds. ``--variant NAME=key=value[;key=value]`` adds a recipe variant (strong plus
 overrides), for ablations and for choosing the recipe on validation accuracy.
+
+Every finished run is appended to the ``--raw`` JSON file at once, with the commit it ran at;
+``--reuse FILE`` takes runs already in FILE instead of repeating them (hours on 2 CPUs), and
+the table's header says how many were reused and from which commits.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import json
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -65,6 +70,16 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
         key, _, value = item.partition("=")
         overrides[key.strip()] = yaml.safe_load(value)
     return name, overrides
+
+
+def git_commit() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=False
+        ).stdout.strip()
+
+    dirty = git("status", "--porcelain", "--", "src", "benchmarks")
+    return git("rev-parse", "--short", "HEAD") + ("-dirty" if dirty else "")
 
 
 def mean_spread(values: list[float]) -> str:
@@ -114,7 +129,13 @@ def main() -> None:
     parser.add_argument("--per-class", default="60,20,40", help="flowers train,val,test")
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS_recipes.md")
-    parser.add_argument("--raw", type=Path, default=None, help="also write every run as JSON")
+    parser.add_argument(
+        "--raw",
+        type=Path,
+        default=ROOT / "benchmarks" / "RESULTS_recipes.json",
+        help="runs as JSON",
+    )
+    parser.add_argument("--reuse", type=Path, default=None, help="runs to take from this JSON")
     args = parser.parse_args()
 
     from inat_finetune.config import load_config
@@ -134,6 +155,12 @@ def main() -> None:
     }
     splits = {name: make_split(data[name], seed=0) for name in args.datasets.split(",")}
     rows: list[dict[str, Any]] = []
+    reusable = {
+        (r["dataset"], r["backbone"], r["recipe"], r["seed"]): r
+        for r in (json.loads(args.reuse.read_text()) if args.reuse else [])
+    }
+    commit = git_commit()
+    reused = 0
     started = time.time()
     load_before = os.getloadavg()
     total = len(splits) * len(args.backbones.split(",")) * len(recipes) * len(seeds)
@@ -141,6 +168,10 @@ def main() -> None:
         for backbone in args.backbones.split(","):
             for recipe in recipes:
                 for seed in seeds:
+                    if (dataset, backbone, recipe, seed) in reusable:
+                        rows.append(reusable[(dataset, backbone, recipe, seed)])
+                        reused += 1
+                        continue
                     overrides = dict(variants.get(recipe, {}))
                     config = load_config(
                         None,
@@ -168,6 +199,7 @@ def main() -> None:
                         "best_epoch": result.results["best_epoch"],
                         "wall_s": round(time.time() - t0, 1),
                         "test_acc_no_tta": None,
+                        "commit": commit,
                     }
                     if config.tta != "none":
                         plain = evaluate(
@@ -175,6 +207,7 @@ def main() -> None:
                         )
                         row["test_acc_no_tta"] = plain["test_acc"]
                     rows.append(row)
+                    write_json_atomic(args.raw, rows)
                     print(json.dumps(row), f"[{len(rows)}/{total}]", flush=True)
     minutes = (time.time() - started) / 60
     command = "PYTHONPATH=src python benchmarks/ablation_recipes.py " + " ".join(sys.argv[1:])
@@ -194,14 +227,19 @@ def main() -> None:
             "train/val/test photos per class, drawn with seed 0).",
         ]
     )
+    if reused:
+        commits = sorted({r.get("commit", "?") for r in rows})
+        header += (
+            f"\n\n{reused} of {len(rows)} runs were taken from `{args.reuse}` (an earlier "
+            f"invocation); the runs' commits: {', '.join(commits)}. Every run is in `{args.raw}`."
+        )
     if variants:
         header += "\n\nVariants (strong plus): " + "; ".join(
             f"`{name}`: {overrides}" for name, overrides in variants.items()
         )
     table = markdown(rows, recipes, header)
     write_text_atomic(args.out, table)
-    if args.raw:
-        write_json_atomic(args.raw, rows)
+    write_json_atomic(args.raw, rows)
     print(table)
 
 

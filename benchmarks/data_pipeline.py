@@ -18,6 +18,9 @@ the faster is kept, so the page cache is equally warm for all.
 
 from __future__ import annotations
 
+import inat_finetune  # noqa: F401 - first: sets OpenMP's wait policy before torch loads
+
+# isort: split
 import argparse
 import os
 import sys

@@ -20,6 +20,9 @@ decoding. The report is markdown, to paste into ``benchmarks/RESULTS.md``.
 
 from __future__ import annotations
 
+import inat_finetune  # noqa: F401 - first: sets OpenMP's wait policy before torch loads
+
+# isort: split
 import argparse
 import os
 import sys

@@ -21,6 +21,9 @@ printed with them.
 
 from __future__ import annotations
 
+import inat_finetune  # noqa: F401 - first: sets OpenMP's wait policy before torch loads
+
+# isort: split
 import argparse
 import json
 import logging

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inat_finetune  # noqa: F401 - first: sets OpenMP's wait policy before torch loads
+
+# isort: split
 import os
 from pathlib import Path
 

@@ -453,3 +453,128 @@ def test_the_nature12k_config_resolves_on_resnet50():
     stages = backbone_stages(model, replace_classifier(model, 10))
     plan = UnfreezePlan.build(stages, config.stage_schedule(), "--unfreeze-schedule")
     assert [stages[plan.start_at(e)].name for e in (0, 3, 4)] == ["layer4", "layer4", "layer3"]
+
+
+def test_run_stopped_mid_schedule_resumes_exactly(tmp_path, monkeypatch):
+    """The real pipeline: SIGTERM mid-epoch after an unfreeze, then `train --resume`.
+
+    Stage schedule, warmup+cosine per group, EMA, label smoothing, MixUp and TrivialAugment
+    all carry on from the checkpoint: the resumed run ends identical to an uninterrupted one.
+    """
+    import os
+    import signal
+
+    from inat_finetune import training
+    from inat_finetune.checkpointing import read_checkpoint
+    from inat_finetune.resume import resume_run
+
+    data = tmp_path / "data"
+    make_class_folders(data, {"ant": 10, "bee": 10, "wasp": 10})  # 18 train images: 5 steps
+    options = dict(
+        recipe="strong",
+        unfreeze_schedule="0:head,1:features.17",
+        ema_decay=0.9,
+        mixup_alpha=0.4,
+        data=str(data),
+        run_name="r",
+        backbone="mobilenet_v2",
+        img_size=32,
+        batch_size=4,
+        num_workers=0,
+        epochs=2,
+        precision="32-true",
+        seed=7,
+        checkpoint_minutes=0,
+        image_cache=False,  # the second run would report reusing the first one's cache
+    )
+    whole = train(
+        load_config(None, output=str(tmp_path / "a"), **options), progress=False, report=False
+    )
+    assert whole.results["unfrozen"] == [[0, "head"], [1, "features.17"]]
+
+    step = training.FineTuneModule.training_step
+
+    def signalled(self, batch, batch_idx):
+        if self.global_step == 7:  # epoch 1, after features.17 was unfrozen
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(training.FineTuneModule, "training_step", signalled)
+    with pytest.raises(SystemExit):
+        train(
+            load_config(None, output=str(tmp_path / "b"), **options), progress=False, report=False
+        )
+    monkeypatch.undo()
+    (run,) = (tmp_path / "b").iterdir()
+    saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 8 and saved[STAGE_KEY] == 17  # mid-epoch 1, features.17
+    resume_run(run, {}, progress=False)
+    # The same results, per-epoch metrics, predictions and best weights (EMA and raw).
+    # (Not last.ckpt: Lightning >= 2.5 rewrites it only when best.ckpt improves.)
+    timings = ("train_time_s", "test_time_s")
+    ra, rb = (json.loads((r / "results.json").read_text()) for r in (whole.run_dir, run))
+    assert {k: v for k, v in ra.items() if k not in timings} == {
+        k: v for k, v in rb.items() if k not in timings
+    }
+    for name in ("metrics.csv", "test_predictions.csv"):
+        assert (run / name).read_text() == (whole.run_dir / name).read_text(), name
+    wa, wb = (
+        read_checkpoint(r / "checkpoints/best.ckpt")["state_dict"] for r in (whole.run_dir, run)
+    )
+    assert wa.keys() == wb.keys() and any(k.startswith("training_model.") for k in wa)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_smoothing_and_class_weights_shape_the_training_loss_only():
+    from inat_finetune.optim import class_weights
+
+    weights = class_weights({"a": 30, "b": 10, "c": 20}, ["a", "b", "c"])
+    assert weights == pytest.approx([60 / 90, 60 / 30, 60 / 60])
+    torch.manual_seed(0)
+    module = FineTuneModule(
+        TinyResNet(), CARD, plan=TrainingPlan(label_smoothing=0.1, class_weights=weights)
+    )
+    module.log = lambda *a, **k: None
+    batch = (torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2]))
+    module.eval()  # the same logits for both calls
+    train_loss, logits, _ = module._shared_step(batch, "train")
+    val_loss, _, _ = module._shared_step(batch, "val")
+    expected = torch.nn.functional.cross_entropy(
+        logits, batch[1], weight=torch.tensor(weights), label_smoothing=0.1
+    )
+    assert train_loss.item() == pytest.approx(expected.item())
+    assert val_loss.item() == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, batch[1]).item()
+    )
+
+
+def test_onecycle_keeps_the_discriminative_ratio():
+    model = TinyResNet()
+    stages = backbone_stages(model, "fc")
+    plan = TrainingPlan(stages=stages, lr_schedule="onecycle", backbone_lr_scale=0.1)
+    optimizer = build_optimizer("sgd", param_groups(model, stages, 1.0, 0.0, 0.1), 1.0)
+    scheduler = build_scheduler(optimizer, plan, total_steps=20, max_epochs=2)
+    peaks: dict[str, float] = {}
+    for _ in range(20):
+        for group in optimizer.param_groups:
+            peaks[group["name"]] = max(peaks.get(group["name"], 0.0), group["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert peaks["head"] == pytest.approx(1.0, rel=0.05)
+    assert peaks["layer4"] == pytest.approx(0.1, rel=0.05)
+
+
+def test_policies_run_on_prepared_tensor_images_of_bicubic_models():
+    """The image cache hands tensors to the transforms; EfficientNet-Lite0 resizes bicubically."""
+    from torchvision import tv_tensors
+
+    from inat_finetune.augment import build_recipe_train_transform
+    from inat_finetune.models import Preprocessing
+
+    pre = Preprocessing(32, 36, (0.5,) * 3, (0.5,) * 3, "bicubic")
+    image = tv_tensors.Image(torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8))
+    for policy in ("trivialaugment", "randaugment"):
+        transform = build_recipe_train_transform(pre, policy, random_erasing=0.5)
+        torch.manual_seed(0)
+        for _ in range(40):  # every operation of the policy gets drawn
+            assert transform(image).shape == (3, 32, 32)

@@ -120,13 +120,28 @@ def _step_in_second_epoch(checkpoint: Path) -> int | None:
     return step if STEPS_PER_EPOCH < step < 2 * STEPS_PER_EPOCH else None
 
 
+# `inat-finetune` with every training step 0.2 s longer: tiny steps take milliseconds, and the
+# watcher below must see a mid-epoch checkpoint and kill the run before the epoch ends.
+SLOW_STEPS_MAIN = """
+import time
+from inat_finetune import training
+step = training.FineTuneModule.training_step
+def slow_step(self, batch, batch_idx):
+    time.sleep(0.2)
+    return step(self, batch, batch_idx)
+training.FineTuneModule.training_step = slow_step
+from inat_finetune.cli import app
+app(prog_name="inat-finetune")
+"""
+
+
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(
     data, uninterrupted_variant, tmp_path
 ):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     output = tmp_path / "killed"
     process = subprocess.Popen(
-        [sys.executable, "-m", "inat_finetune", *_cli_args(data, output, RECIPE)],
+        [sys.executable, "-c", SLOW_STEPS_MAIN, *_cli_args(data, output, RECIPE)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -28,21 +28,23 @@ def build_recipe_train_transform(
     """
     if augmentation == "seed" and random_erasing == 0:
         return build_train_transform(pre, augment=True)
-    # The policies run on PIL images: torchvision's tensor kernels lack bicubic interpolation,
-    # which timm's weights (EfficientNet-Lite0) ask for. ``_to_normalised_tensor`` converts.
     steps: list[Any] = [
         v2.RandomResizedCrop(pre.crop_size, interpolation=pre.interpolation_mode, antialias=True),
         v2.RandomHorizontalFlip(),
     ]
+    # The policies' rotations and shears interpolate bilinearly whatever the weights' resize
+    # interpolation: torchvision's tensor kernels (prepared images are tensors) have no bicubic
+    # affine transform, and for a random distortion the difference does not matter.
+    policy_interpolation = v2.InterpolationMode.BILINEAR
     if augmentation == "seed":
         steps += [
             v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05),
             v2.RandomRotation(15),
         ]
     elif augmentation == "trivialaugment":
-        steps.append(v2.TrivialAugmentWide(interpolation=pre.interpolation_mode))
+        steps.append(v2.TrivialAugmentWide(interpolation=policy_interpolation))
     elif augmentation == "randaugment":
-        steps.append(v2.RandAugment(interpolation=pre.interpolation_mode))
+        steps.append(v2.RandAugment(interpolation=policy_interpolation))
     else:
         raise ValueError(f"unknown augmentation {augmentation!r}; use one of {AUGMENTATIONS}")
     steps += _to_normalised_tensor(pre)

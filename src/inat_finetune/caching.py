@@ -223,7 +223,8 @@ class ArrayStore:
         del source
         self.data_name, self.entries = new_name, entries
         self._save_index()
-        old.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # Windows cannot delete a mapped file: left behind
+            old.unlink(missing_ok=True)
 
     def arrays(self, paths: Iterable[str | Path]) -> StoredArrays:
         """Read access to the entries of ``paths`` (all of which must be stored)."""

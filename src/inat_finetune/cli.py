@@ -65,8 +65,12 @@ out = Console()
 
 
 def _setup_logging(verbose: bool) -> None:
+    from inat_finetune.distributed import is_global_zero
+
+    # Under DDP every process runs the command; only rank 0 tells the user what happens.
+    quiet = not verbose and not is_global_zero()
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
         format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False, show_time=False)],
         force=True,
@@ -167,7 +171,9 @@ FrozenBnOpt = Annotated[
     ),
 ]
 EpochsOpt = Annotated[int | None, _opt("--epochs", help="training epochs [default: 10]")]
-BatchSizeOpt = Annotated[int | None, _opt("--batch-size", help="[default: 32]")]
+BatchSizeOpt = Annotated[
+    int | None, _opt("--batch-size", help="images per step on each device [default: 32]")
+]
 LrOpt = Annotated[float | None, _opt("--lr", help="learning rate [default: 0.001]")]
 OptimizerOpt = Annotated[str | None, _opt("--optimizer", help="adam, adamw or sgd [default: adam]")]
 WeightDecayOpt = Annotated[float | None, _opt("--weight-decay", help="[default: 0]")]
@@ -195,7 +201,24 @@ WorkersOpt = Annotated[
 AcceleratorOpt = Annotated[
     str | None, _opt("--accelerator", help="auto, cpu, cuda, mps [default: auto]")
 ]
-DevicesOpt = Annotated[str | None, _opt("--devices", help="Lightning devices [default: auto]")]
+DevicesOpt = Annotated[
+    str | None,
+    _opt(
+        "--devices",
+        help="devices (processes) per machine: auto (all GPUs), 1, 2, ... or 0,1; DDP when more than one [default: auto]",
+    ),
+]
+NumNodesOpt = Annotated[
+    int | None,
+    _opt("--num-nodes", help="machines, started by torchrun or srun [default: 1]"),
+]
+ScaleLrOpt = Annotated[
+    str | None,
+    _opt(
+        "--scale-lr",
+        help="none, linear or sqrt: scale --lr by global batch (batch size x devices x nodes) / 32 [default: none]",
+    ),
+]
 PrecisionOpt = Annotated[
     str | None, _opt("--precision", help="auto, 32-true, bf16-mixed, 16-mixed [default: auto]")
 ]
@@ -364,6 +387,8 @@ def train(
     num_workers: WorkersOpt = None,
     accelerator: AcceleratorOpt = None,
     devices: DevicesOpt = None,
+    num_nodes: NumNodesOpt = None,
+    scale_lr: ScaleLrOpt = None,
     precision: PrecisionOpt = None,
     channels_last: ChannelsLastOpt = None,
     image_cache: ImageCacheOpt = None,
@@ -402,6 +427,7 @@ def train(
 ) -> None:
     """Fine-tune a pretrained backbone, keep the best checkpoint by val accuracy, and test it."""
     options = dict(locals())
+    from inat_finetune.distributed import is_global_zero
     from inat_finetune.training import train as run_training
 
     resume_dir = options.pop("resume")
@@ -414,6 +440,8 @@ def train(
             result = run_training(_config_from(options), progress=True)
     except UserError as exc:
         _fail(str(exc))
+        return
+    if not is_global_zero():
         return
     found = result.results.get("lr_find")
     if found is not None:
@@ -463,6 +491,9 @@ def compare(
     seed: SeedOpt = None,
     num_workers: WorkersOpt = None,
     accelerator: AcceleratorOpt = None,
+    devices: DevicesOpt = None,
+    num_nodes: NumNodesOpt = None,
+    scale_lr: ScaleLrOpt = None,
     precision: PrecisionOpt = None,
     image_cache: ImageCacheOpt = None,
     feature_cache: FeatureCacheOpt = None,
@@ -478,12 +509,15 @@ def compare(
     from inat_finetune.comparison import parse_strategies
 
     chosen, longer = options.pop("strategies"), options.pop("then_train_epochs")
+    from inat_finetune.distributed import is_global_zero
+
     try:
         result = run_comparison(_config_from(options), parse_strategies(chosen), longer)
     except UserError as exc:
         _fail(str(exc))
         return
-    _print_comparison(result)
+    if is_global_zero():
+        _print_comparison(result)
 
 
 @app.command()
@@ -857,3 +891,79 @@ def serve(
         )
     out.print(f"serving on http://{host}:{port}/ (Ctrl+C to stop)")
     uvicorn.run(web_app, host=host, port=port, log_level="info")
+
+
+@app.command()
+def sweep(
+    config: Annotated[
+        Path, typer.Option("--config", help="sweep.yaml: base options and the search space")
+    ],
+    trials: Annotated[
+        int,
+        typer.Option(
+            "--trials", help="trials in the whole study, all workers together; 0: report only"
+        ),
+    ] = 20,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            "--storage",
+            help="Optuna RDB URL shared by workers on many machines [default: sqlite:///<sweep dir>/study.db]",
+        ),
+    ] = None,
+    study_name: Annotated[
+        str | None,
+        typer.Option("--study-name", help="study to create or join [default: from sweep.yaml]"),
+    ] = None,
+    data: DataOpt = None,
+    output: Annotated[
+        str | None, _opt("--output", help="where sweep-<study>/ goes [default: base output]")
+    ] = None,
+    export_wandb: Annotated[
+        Path | None,
+        typer.Option(
+            "--export-wandb", help="write the search space as a W&B sweep config and stop"
+        ),
+    ] = None,
+    trial_reports: Annotated[
+        bool,
+        typer.Option(
+            "--trial-reports/--no-trial-reports",
+            help="figures and report.html in every trial's run directory",
+        ),
+    ] = True,
+) -> None:
+    """Search hyper-parameters with Optuna; run the same command on more workers to share it."""
+    from inat_finetune.sweep import export_wandb as write_wandb
+    from inat_finetune.sweep import run_sweep
+
+    try:
+        if export_wandb is not None:
+            path = write_wandb(config, export_wandb, data=data, output=output)
+            out.print(f"wrote {path}; then: wandb sweep {path} && wandb agent <sweep id>")
+            return
+        result = run_sweep(
+            config,
+            trials,
+            storage=storage,
+            study_name=study_name,
+            trial_reports=trial_reports,
+            data=data,
+            output=output,
+        )
+    except UserError as exc:
+        _fail(str(exc))
+        return
+    table = Table(title=f"Sweep {result.study_name} ({len(result.rows)} trials)")
+    for column in ("trial", "state", "val acc", "params"):
+        table.add_column(column)
+    for row in result.rows:
+        value = "" if row["value"] is None else f"{100 * row['value']:.2f}%"
+        params = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["params"].items()
+        )
+        table.add_row(str(row["number"]), row["state"], value, params)
+    out.print(table)
+    if result.best is not None:
+        out.print(f"best config: {result.sweep_dir / 'best_config.yaml'}", soft_wrap=True)
+    out.print(f"report: {result.sweep_dir / 'report.html'}", soft_wrap=True)

@@ -22,10 +22,17 @@ from typing import Any
 
 from inat_finetune.config import TrainConfig
 from inat_finetune.data import make_split
+from inat_finetune.distributed import (
+    broadcast_from_zero,
+    is_global_zero,
+    join_launched_group,
+    plan_world,
+    shared_directory,
+)
 from inat_finetune.errors import UserError
 from inat_finetune.freezing import STRATEGIES
 from inat_finetune.runfiles import new_run_dir, write_json_atomic, write_text_atomic
-from inat_finetune.training import guard_test_set, train
+from inat_finetune.training import guard_test_set, resolve_accelerator, train
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +112,25 @@ def compare(
         raise UserError("--data is required: the folder that holds the images")
     if then_train_epochs is not None and then_train_epochs < 1:
         raise UserError(f"--then-train-epochs {then_train_epochs}: must be at least 1")
-    split = make_split(
-        config.data, config.seed, config.val_fraction, config.test_fraction, progress=progress
+    # Under DDP every process runs this loop; rank 0 alone scans and writes (see distributed).
+    accelerator = resolve_accelerator(config.accelerator)
+    world = plan_world(config.devices, config.num_nodes, accelerator)
+    join_launched_group(accelerator)
+    zero = is_global_zero()
+    split = broadcast_from_zero(
+        lambda: guard_test_set(
+            make_split(
+                config.data,
+                config.seed,
+                config.val_fraction,
+                config.test_fraction,
+                progress=progress and zero,
+            )
+        )
     )
-    split = guard_test_set(split)
-    comparison_dir = new_run_dir(config.output, config.run_name or "compare")
+    comparison_dir = shared_directory(
+        lambda: new_run_dir(config.output, config.run_name or "compare"), world.processes
+    )
     group = comparison_dir.name
     runs_dir = comparison_dir / "runs"
     rows = []
@@ -134,7 +155,7 @@ def compare(
                 time.perf_counter() - started,
             )
         )
-    best = select_best(rows)
+    best = broadcast_from_zero(lambda: select_best(rows))
     comparison: dict[str, Any] = {
         "rows": rows,
         "best_strategy": best["strategy"],
@@ -163,6 +184,8 @@ def compare(
             "val_acc": final.results["best_val_acc"],
             "test_acc": final.results["test_acc"],
         }
+    if not zero:
+        return ComparisonResult(comparison_dir, comparison)
     write_json_atomic(comparison_dir / "comparison.json", comparison)
     write_text_atomic(comparison_dir / "comparison.md", comparison_markdown(comparison))
     if report:

@@ -64,6 +64,13 @@ class TrainConfig(BaseModel):
     )
     accelerator: str = Field("auto", description="auto, cpu, cuda, mps")
     devices: str = Field("auto", description="Lightning devices: auto, 1, 2, ...")
+    num_nodes: int = Field(
+        1, ge=1, description="machines, each running --devices processes (torchrun or srun)"
+    )
+    scale_lr: Literal["none", "linear", "sqrt"] = Field(
+        "none",
+        description="scale lr by the global batch (batch_size x devices x nodes) over 32",
+    )
     precision: str = Field("auto", description="auto, 32-true, bf16-mixed, 16-mixed")
     channels_last: bool | None = Field(
         None, description="channels-last memory format (default: auto)"
@@ -193,6 +200,12 @@ class TrainConfig(BaseModel):
         if self.lp_epochs:
             return [(0, HEAD), (self.lp_epochs, self.train_from or ALL)]
         return [(0, self.train_from or ALL)]
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _devices_as_text(cls, value: Any) -> Any:
+        # YAML reads `devices: 2` as a number; Lightning's spelling is text ("auto", "0,1").
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
     def to_yaml_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

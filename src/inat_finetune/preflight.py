@@ -29,8 +29,8 @@ def _accelerator_available(name: str) -> bool:
     return True
 
 
-def preflight(config: TrainConfig, split: DataSplit) -> None:
-    """Raise a one-line UserError for settings that cannot run here; warn about odd ones."""
+def check_machine(config: TrainConfig) -> None:
+    """The settings that must hold before processes are planned: precision, accelerator."""
     if config.precision not in PRECISIONS:
         raise UserError(
             f"--precision {config.precision}: unknown; use one of {', '.join(PRECISIONS)}"
@@ -44,6 +44,11 @@ def preflight(config: TrainConfig, split: DataSplit) -> None:
             f"--accelerator {config.accelerator}: not available on this machine; "
             "use --accelerator auto (or cpu)"
         )
+
+
+def preflight(config: TrainConfig, split: DataSplit) -> None:
+    """Raise a one-line UserError for settings that cannot run here; warn about odd ones."""
+    check_machine(config)
     if not re.fullmatch(r"auto|-1|\d+|\d+(,\d+)*,?", config.devices):
         raise UserError(
             f"--devices {config.devices}: use auto, a count (1, 2, ...), a list (0,1) or -1 for all"

@@ -56,8 +56,13 @@ def image_store(
 ) -> ArrayStore:
     """The store of one dataset's images prepared at one size."""
     root = str(Path(root).resolve())
-    meta = {"kind": "images", "version": PREPARED_VERSION, "root": root, "size": size}
-    meta["interpolation"] = interpolation
+    meta = {
+        "kind": "images",
+        "version": PREPARED_VERSION,
+        "root": root,
+        "size": size,
+        "interpolation": interpolation,
+    }
     folder = f"{Path(root).name}-{size}px-{short_hash(meta)}"
     return ArrayStore(cache_root(cache_dir) / "images" / folder, "uint8", meta)
 
@@ -81,21 +86,20 @@ def _prepare_all(
 ) -> Iterator[tuple[Path, np.ndarray]]:
     # Threads, not processes: PIL's decoder and torch's resize release the GIL.
     workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    done: Iterator[tuple[Path, np.ndarray]]
+    with ThreadPoolExecutor(max_workers=max(1, workers or 1)) as pool:
 
-    def prepared() -> Iterator[tuple[Path, np.ndarray]]:
-        with ThreadPoolExecutor(max_workers=max(1, workers or 1)) as pool:
+        def prepared() -> Iterator[tuple[Path, np.ndarray]]:
             for start in range(0, len(paths), CHUNK):
                 chunk = paths[start : start + CHUNK]
                 arrays = pool.map(lambda p: prepare_image(p, size, interpolation), chunk)
                 yield from zip(chunk, arrays, strict=True)
 
-    done = prepared()
-    if progress:
-        from rich.progress import track
+        done: Iterator[tuple[Path, np.ndarray]] = prepared()
+        if progress:
+            from rich.progress import track
 
-        done = track(done, total=len(paths), description=f"Preparing images ({size} px)")
-    yield from done
+            done = track(done, total=len(paths), description=f"Preparing images ({size} px)")
+        yield from done
 
 
 def build(store: ArrayStore, paths: Sequence[str | Path], progress: bool = False) -> int:

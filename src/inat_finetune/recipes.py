@@ -117,14 +117,23 @@ def recipe_card(config: Any, plan: Any, train_preprocessing: Any) -> dict[str, A
     }
 
 
-def recipe_results(config: Any, module: Any) -> dict[str, Any]:
+def recipe_results(config: Any, module: Any, epochs_run: int) -> dict[str, Any]:
     """The recipe's entries of results.json."""
     schedule = config.stage_schedule()
+    unfreeze = module.plan.unfreeze
     return {
         "recipe": config.recipe,
         "schedule": format_schedule(schedule) if schedule else None,
-        # what actually happened, e.g. [[0, "head"], [1, "features.0"]]
-        "unfrozen": [list(entry) for entry in module.unfreeze_history] or None,
+        # The stages that started training within the epochs run, e.g. [[0, "head"],
+        # [1, "features.0"]]: the schedule is a function of the epoch, so a resumed run
+        # reports the same as one that never stopped.
+        "unfrozen": [
+            [epoch, unfreeze.stages[start].name]
+            for epoch, start in zip(unfreeze.epochs, unfreeze.starts, strict=True)
+            if epoch < epochs_run
+        ]
+        if unfreeze is not None
+        else None,
         "lr": module.lr,
         "ema": module.ema is not None,
         "tta": config.tta,

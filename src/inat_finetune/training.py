@@ -27,7 +27,7 @@ from typing import Any
 import lightning as L
 import torch
 import torchmetrics
-from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.callbacks import Callback, EarlyStopping
 from lightning.pytorch.loggers import Logger, WandbLogger
 from torch import nn
 
@@ -43,7 +43,18 @@ from inat_finetune.checkpointing import (
 )
 from inat_finetune.config import TrainConfig
 from inat_finetune.data import DataSplit, FineTuneDataModule, make_split
-from inat_finetune.features import cached_features, run_tail
+from inat_finetune.distributed import (
+    broadcast_from_zero,
+    check_shardable,
+    gather_shards,
+    is_global_zero,
+    join_launched_group,
+    plan_world,
+    rank_zero_first,
+    scaled_lr,
+    shared_directory,
+)
+from inat_finetune.features import CachedFeatures, cached_features, run_tail
 from inat_finetune.freezing import FreezeSummary, hold_frozen_batchnorm
 from inat_finetune.models import get_model
 from inat_finetune.optim import (
@@ -71,7 +82,6 @@ log = logging.getLogger(__name__)
 
 CARD_KEY = "inat_finetune"  # where a checkpoint keeps what is needed to use it
 STAGE_KEY = "inat_finetune_stage"  # the first trainable stage when the checkpoint was saved
-HISTORY_KEY = "inat_finetune_unfreeze_history"  # (epoch, stage) changes so far, for results
 
 
 class FineTuneModule(L.LightningModule):
@@ -114,6 +124,12 @@ class FineTuneModule(L.LightningModule):
         self.test_acc = accuracy(num_classes, average="micro")
         self.test_per_class = accuracy(num_classes, average="none")
         self.test_confusion = torchmetrics.classification.MulticlassConfusionMatrix(num_classes)
+        # Losses as metric objects: under DDP they reduce exactly (sum and count across ranks)
+        # also when ranks hold different numbers of images, which Lightning's sync_dist mean of
+        # a plain tensor gets wrong (it averages the counts in integer arithmetic: Lightning
+        # issue 21859). train_loss, above, is one too.
+        self.val_loss = torchmetrics.MeanMetric()
+        self.test_loss = torchmetrics.MeanMetric()
         self.test_report: dict[str, Any] = {}
         # Set by train() when batches hold stored backbone features instead of images
         # (features.py): the dotted names of the modules that map features to logits.
@@ -123,7 +139,6 @@ class FineTuneModule(L.LightningModule):
         # Stages, schedules, EMA, mixing, smoothing, TTA (optim.py); the defaults are the seed's.
         self.plan = plan or TrainingPlan()
         self.stage_start: int | None = None
-        self.unfreeze_history: list[tuple[int, str]] = []  # (epoch, first trainable stage)
         if self.plan.unfreeze is not None:
             self.apply_stage(self.plan.unfreeze.start_at(0))
         weights = self.plan.class_weights
@@ -151,11 +166,10 @@ class FineTuneModule(L.LightningModule):
         # unfreezing schedule has said which layers train (frozen BatchNorm is held in eval).
         unfreeze = self.plan.unfreeze
         if unfreeze is not None:
-            self.apply_stage(unfreeze.start_at(self.current_epoch))
-            name = unfreeze.stages[self.stage_start].name
-            if not self.unfreeze_history or self.unfreeze_history[-1][1] != name:
-                self.unfreeze_history.append((self.current_epoch, name))
-                log.info("Epoch %d: %s", self.current_epoch, unfreeze.describe(self.stage_start))
+            start = unfreeze.start_at(self.current_epoch)
+            if start != self.stage_start:
+                log.info("Epoch %d: %s", self.current_epoch, unfreeze.describe(start))
+            self.apply_stage(start)
         self.train()
 
     def on_train_start(self) -> None:
@@ -202,14 +216,9 @@ class FineTuneModule(L.LightningModule):
             self.train_loss.update(loss.detach(), weight=len(labels))
             return loss, logits, labels
         loss = self.criterion(logits, labels)
-        self.log(
-            f"{stage}/loss",
-            loss,
-            on_step=False,
-            on_epoch=True,
-            batch_size=len(labels),
-            sync_dist=True,
-        )
+        mean_loss = getattr(self, f"{stage}_loss")
+        mean_loss.update(loss.detach(), weight=len(labels))
+        self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True)
         return loss, logits, labels
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -244,13 +253,15 @@ class FineTuneModule(L.LightningModule):
         self._test_probabilities: list[torch.Tensor] = []
 
     def on_test_epoch_end(self) -> None:
+        probabilities = torch.cat(self._test_probabilities) if self._test_probabilities else None
+        if probabilities is not None and self.trainer.world_size > 1:
+            # Each rank tested its ShardSampler shard; put the rows back in dataset order.
+            probabilities = gather_shards(probabilities)
         self.test_report = {
             "per_class_acc": self.test_per_class.compute().float().cpu().tolist(),
             "confusion_matrix": self.test_confusion.compute().cpu().tolist(),
             # In test-loader order (no shuffling), i.e. the order of DataSplit.samples("test").
-            "probabilities": torch.cat(self._test_probabilities)
-            if self._test_probabilities
-            else None,
+            "probabilities": probabilities,
         }
         self.test_per_class.reset()
         self.test_confusion.reset()
@@ -270,19 +281,27 @@ class FineTuneModule(L.LightningModule):
         optimizer = build_optimizer(self.optimizer_name, groups, self.lr)
         if plan.lr_schedule == "constant" and not plan.warmup_epochs:
             return optimizer  # the seed's: no schedule
-        scheduler = build_scheduler(
-            optimizer, plan, int(self.trainer.estimated_stepping_batches), self.trainer.max_epochs
-        )
+        scheduler = build_scheduler(optimizer, plan, self._total_steps(), self.trainer.max_epochs)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
+    def _total_steps(self) -> int:
+        """Optimizer steps in the whole run, for the learning-rate schedule."""
+        trainer = self.trainer
+        if trainer.datamodule is None:
+            return int(trainer.estimated_stepping_batches)
+        # Not trainer.estimated_stepping_batches: it sets up Lightning's train loader before a
+        # resumed run has restored the loader's position, and Lightning then never restores it
+        # (the run would start its interrupted epoch over). Count a loader of our own instead.
+        batches = len(trainer.datamodule.train_dataloader())
+        return max(1, batches // trainer.accumulate_grad_batches) * trainer.max_epochs
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CARD_KEY] = self.card
         if self.stage_start is not None:
             checkpoint[STAGE_KEY] = self.stage_start
-            checkpoint[HISTORY_KEY] = [list(change) for change in self.unfreeze_history]
         if self.ema is not None:
             swap_ema_for_saving(checkpoint["state_dict"])
 
@@ -293,10 +312,6 @@ class FineTuneModule(L.LightningModule):
             swap_ema_for_loading(checkpoint["state_dict"])
         if STAGE_KEY in checkpoint and self.plan.unfreeze is not None:
             self.apply_stage(int(checkpoint[STAGE_KEY]))
-            trainer = self._trainer
-            if trainer is not None and trainer.state.fn == "fit":  # resuming, not testing best
-                history = checkpoint.get(HISTORY_KEY, [])
-                self.unfreeze_history = [(int(epoch), str(name)) for epoch, name in history]
 
 
 def cpu_supports_bf16() -> bool:
@@ -330,10 +345,6 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 
 def resolve_channels_last(channels_last: bool | None, accelerator: str) -> bool:
     return accelerator in ("cuda", "cpu") if channels_last is None else channels_last
-
-
-def _parse_devices(devices: str) -> Any:
-    return int(devices) if devices.isdigit() else devices
 
 
 @dataclass
@@ -398,23 +409,42 @@ def train(
     report: bool = True,
     run_dir: Path | None = None,
     ckpt_path: Path | None = None,
+    callbacks: list[Callback] | None = None,
 ) -> RunResult:
     """Run one fine-tuning experiment end to end; see the module docstring for its outputs.
 
     ``run_dir`` and ``ckpt_path`` continue a stopped run in place (``resume.resume_run``).
+    With several processes (``--devices``/``--num-nodes``, torchrun, srun) every process calls
+    this; rank 0 alone scans the data, creates the run directory and writes files (see
+    ``distributed``). ``callbacks`` are extra Lightning callbacks (the sweep's pruning).
     """
     from inat_finetune.errors import UserError
-    from inat_finetune.preflight import preflight
+    from inat_finetune.preflight import check_machine, preflight
 
     if config.data is None and split is None:
         raise UserError("--data is required: the folder that holds the images")
+    check_machine(config)  # before planning processes: their errors would hide this one
+    accelerator = resolve_accelerator(config.accelerator)
+    world = plan_world(config.devices, config.num_nodes, accelerator)
+    join_launched_group(accelerator)
+    zero = is_global_zero()
     L.seed_everything(config.seed, workers=True, verbose=False)
-    if split is None:
-        split = make_split(
-            config.data, config.seed, config.val_fraction, config.test_fraction, progress=progress
+    given_split = split
+
+    def scan() -> DataSplit:
+        found = given_split or make_split(
+            config.data,
+            config.seed,
+            config.val_fraction,
+            config.test_fraction,
+            progress=progress and zero,
         )
-    split = guard_test_set(split)
+        return guard_test_set(found)
+
+    split = broadcast_from_zero(scan)
     preflight(config, split)
+    counts = {k: sum(v.values()) for k, v in split.counts().items()}
+    check_shardable({"val": counts["val"], "test": counts["test"]}, world.processes)
     built = get_model(config.backbone, num_classes=len(split.classes), weights=config.weights)
     preprocessing = built.preprocessing.at_size(config.img_size)
     # Freezing by strategy or by stage schedule, and the rest of the recipe (optim.py).
@@ -422,19 +452,23 @@ def train(
     test_preprocessing = preprocessing.at_size(config.test_img_size)
 
     if run_dir is None:
-        run_dir = new_run_dir(
+        run_dir = shared_directory(
+        lambda: new_run_dir(
             config.output, config.run_name or f"{config.backbone}-{config.strategy}"
+        ),
+            world.processes,
         )
-    write_yaml_atomic(run_dir / "config.yaml", config.to_yaml_dict())
-    split.save(run_dir / "split.json")
-    write_json_atomic(run_dir / "dataset.json", split.summary())
+    if zero:
+        write_yaml_atomic(run_dir / "config.yaml", config.to_yaml_dict())
+        split.save(run_dir / "split.json")
+        write_json_atomic(run_dir / "dataset.json", split.summary())
 
-    accelerator = resolve_accelerator(config.accelerator)
     precision = resolve_precision(config.precision, accelerator)
     channels_last = resolve_channels_last(config.channels_last, accelerator)
-    image_store, image_cache = prepared_images_for(
-        split, preprocessing, config.image_cache, config.cache_dir, progress
-    )
+    with rank_zero_first():  # one process builds the image cache, the others then read it
+        image_store, image_cache = prepared_images_for(
+            split, preprocessing, config.image_cache, config.cache_dir, progress and zero
+        )
     datamodule = FineTuneDataModule(
         split,
         preprocessing,
@@ -454,17 +488,27 @@ def train(
     # The card's preprocessing is what evaluate/predict/export apply: the test-time one.
     card = model_card(config, split, built, test_preprocessing, summary)
     card.update(recipe_card(config, plan, preprocessing))
+    # --batch-size is per process: each of the world.processes processes takes that many images
+    # per step, and DDP averages their gradients, so a step sees the global batch.
+    global_batch = config.batch_size * world.processes
+    lr = scaled_lr(config.lr, global_batch, config.scale_lr)
     module = FineTuneModule(
         built.model,
         card,
-        lr=config.lr,
+        lr=lr,
         optimizer=config.optimizer,
         weight_decay=config.weight_decay,
         frozen_bn=config.frozen_bn,
         channels_last=channels_last,
         plan=plan,
     )
-    cached = cached_features(config, module, built.head, datamodule, accelerator, precision, progress)
+    if world.processes > 1:
+        # The stored-features data module does not shard; several processes read images.
+        cached = CachedFeatures("off (several processes)")
+    else:
+        cached = cached_features(
+            config, module, built.head, datamodule, accelerator, precision, progress
+        )
     if cached.datamodule is not None:
         datamodule, module.feature_tail = cached.datamodule, cached.tail
     elif config.compile:
@@ -474,6 +518,20 @@ def train(
         "feature_cache": cached.summary,
         "compile": config.compile and cached.datamodule is None,
     }
+    if zero and (world.processes > 1 or config.scale_lr != "none"):
+        log.info(
+            "%d process(es) (%d device(s) x %d node(s)) | global batch %d = batch size %d x %d"
+            " | lr %.3g (%s scaling from %.3g)",
+            world.processes,
+            world.per_node,
+            world.num_nodes,
+            global_batch,
+            config.batch_size,
+            world.processes,
+            lr,
+            config.scale_lr,
+            config.lr,
+        )
     log.info(
         "%s | %s | accelerator=%s precision=%s channels_last=%s workers=%d "
         "image_cache=%s feature_cache=%s compile=%s | run: %s",
@@ -502,14 +560,14 @@ def train(
     periodic = periodic_last_checkpoint(
         run_dir / "checkpoints", config.checkpoint_steps, config.checkpoint_minutes
     )
-    callbacks: list[Any] = [
+    run_callbacks: list[Any] = [
         checkpoint,
         *([periodic] if periodic else []),
         ResumeState(run_dir / "checkpoints"),
         StopOnNonFiniteLoss(run_dir / "checkpoints"),
     ]
     if config.early_stopping_patience:
-        callbacks.append(
+        run_callbacks.append(
             EarlyStopping(monitor="val/acc", mode="max", patience=config.early_stopping_patience)
         )
     trainer = L.Trainer(
@@ -520,10 +578,12 @@ def train(
         else None,
         gradient_clip_val=config.grad_clip_norm,
         accelerator=accelerator,
-        devices=_parse_devices(config.devices),
+        devices=world.devices,
+        num_nodes=world.num_nodes,
+        strategy=world.strategy,
         precision=precision,
         logger=build_loggers(config, run_dir),
-        callbacks=callbacks,
+        callbacks=[*run_callbacks, *(callbacks or [])],
         plugins=[AtomicCheckpointIO()],
         deterministic=False,
         enable_progress_bar=progress,
@@ -575,7 +635,7 @@ def train(
         "trainable_params": summary.trainable_params,
         "total_params": summary.total_params,
         "epochs": trainer.current_epoch,
-        "best_epoch": _best_epoch(run_dir / "metrics.csv"),
+        "best_epoch": _best_epoch(run_dir / "metrics.csv") if zero else None,
         "final_train_acc": final_train_acc,
         "best_val_acc": float(checkpoint.best_model_score),
         "test_acc": float(tested[0]["test/acc"]),
@@ -591,9 +651,17 @@ def train(
         "precision": precision,
         "channels_last": channels_last,
         "speed_paths": speed_paths,
-        "checkpoint": str(Path(checkpoint.best_model_path).relative_to(run_dir.resolve())),
-        **recipe_results(config, module),
+        # Resolved: under DDP Lightning hands back an absolute path for a relative --output.
+        "checkpoint": str(
+            Path(checkpoint.best_model_path).resolve().relative_to(run_dir.resolve())
+        ),
+        "processes": world.processes,
+        "global_batch_size": global_batch,
+        "lr": lr,
+        **recipe_results(config, module, trainer.current_epoch),
     }
+    if not zero:
+        return RunResult(run_dir=run_dir, results=results)
     write_predictions(run_dir / "test_predictions.csv", split, test_report["probabilities"])
     write_json_atomic(run_dir / "results.json", results)
     figures: dict[str, Path] = {}
