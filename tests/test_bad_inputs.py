@@ -196,9 +196,9 @@ def test_a_file_broken_after_the_scan_is_a_one_line_error_from_a_worker(image_fo
     ("options", "warning"),
     [
         ({"batch_size": 64}, "--batch-size 64 is larger than the 10 training images"),
-        # 10 images in batches of 3 leave a batch of 1: BatchNorm in training mode (strategy
-        # none trains them all) cannot take it; without the fix this was a ValueError.
-        ({"batch_size": 3, "strategy": "none"}, "leave a last batch of 1"),
+        # 10 images in batches of 3 leave a batch of 1: BatchNorm in training mode (this
+        # strategy trains them) cannot take it; without the fix this was a ValueError.
+        ({"batch_size": 3, "strategy": "freeze_except_bn_and_fc"}, "leave a last batch of 1"),
     ],
 )
 def test_awkward_batch_sizes_train_with_a_warning(tmp_path, caplog, options, warning):

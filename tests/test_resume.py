@@ -239,7 +239,8 @@ def copied_run(uninterrupted, tmp_path) -> Path:
 
 
 def test_only_how_and_where_options_may_change(copied_run):
-    assert resume_config(copied_run, {"epochs": 5, "num_workers": 2, "lr": None}).epochs == 5
+    changed = resume_config(copied_run, {"epochs": 5, "num_workers": 2, "cache_dir": "/c"})
+    assert (changed.epochs, changed.num_workers, changed.cache_dir) == (5, 2, "/c")
     assert resume_config(copied_run, {"lr": 1e-3, "backbone": "mobilenet_v2"}).lr == 1e-3
     with pytest.raises(UserError, match=r"--lr 0.5 differs from the run's lr=0.001; only"):
         resume_config(copied_run, {"lr": 0.5})

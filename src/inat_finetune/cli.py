@@ -277,8 +277,8 @@ ResumeOpt = Annotated[
     _opt(
         "--resume",
         help="continue the stopped run in RUN_DIR from its last checkpoint, with its config and "
-        "split; only --epochs (to extend), --num-workers, --accelerator, --devices, --precision "
-        "and --checkpoint-* may change",
+        "split; only --epochs (to extend), --num-workers, --accelerator, --devices, --precision, "
+        "--checkpoint-*, the cache options and --compile may change",
     ),
 ]
 

@@ -24,7 +24,8 @@ from inat_finetune.errors import UserError
 log = logging.getLogger(__name__)
 
 # Where and how fast, not what: changing these does not change what the run trains.
-# (precision does change the arithmetic; it is allowed so a run can move to other hardware.)
+# (precision, compile and feature_cache change the arithmetic in the last bits; they are
+# allowed so a run can move to other hardware or skip a slow path.)
 CHANGEABLE = frozenset(
     {
         "epochs",
@@ -34,6 +35,10 @@ CHANGEABLE = frozenset(
         "precision",
         "checkpoint_steps",
         "checkpoint_minutes",
+        "image_cache",
+        "feature_cache",
+        "cache_dir",
+        "compile",
     }
 )
 
