@@ -145,7 +145,7 @@ def main() -> None:
     from inat_finetune.training import train
 
     variants = dict(parse_variant(v) for v in args.variant)
-    recipes = args.recipes.split(",") + list(variants)
+    recipes = [r for r in args.recipes.split(",") if r] + list(variants)
     seeds = [int(s) for s in args.seeds.split(",")]
     per_class = tuple(int(n) for n in args.per_class.split(","))
     work = Path(tempfile.mkdtemp(prefix="ablation-recipes-"))

@@ -19,8 +19,8 @@ augmented ImageFolder), and it resized evaluation images to 224x224 without keep
 ratio; here validation is never augmented and evaluation is resize-256 then centre-crop-224.
 
 ``strong`` is what the ablation in ``benchmarks/RESULTS_recipes.md`` supports: LP-FT (one epoch
-of the head alone, then the whole network) with AdamW, the backbone at a tenth of the head's
-learning rate, warmup then cosine decay, label smoothing 0.1, no decay on norms and biases,
+of the head alone, then the whole network) with AdamW at 3e-3 for the head and 1e-4 for the
+backbone, warmup then cosine decay, label smoothing 0.1, no decay on norms and biases,
 TrivialAugment and random erasing, gradient clipping, frozen BatchNorm kept in eval mode
 during the probe, and flip test-time augmentation.
 """
@@ -60,8 +60,10 @@ RECIPES: dict[str, dict[str, Any]] = {
         "epochs": 20,
         "batch_size": 32,
         "optimizer": "adamw",
-        "lr": 1e-3,
-        "backbone_lr_scale": 0.1,
+        # The linear-probe epoch needs a brisk head; the backbone then fine-tunes at 1e-4.
+        # Chosen on validation accuracy over lr 1e-3 / scale 0.1 (benchmarks/RESULTS_recipes.md).
+        "lr": 3e-3,
+        "backbone_lr_scale": 0.0333,
         "weight_decay": 0.01,
         "lr_schedule": "cosine",
         "warmup_epochs": 1.0,
