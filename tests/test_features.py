@@ -170,7 +170,11 @@ def test_probe_catches_what_a_module_scan_cannot(model, reason):
     assert result is None if reason is None else reason in result
 
 
-def test_results_file_names_the_paths(runs):
+def test_results_file_and_report_name_the_paths(runs):
+    from inat_finetune.report import write_report
+
     _, _, _, cached = runs
     results = json.loads((cached.run_dir / "results.json").read_text())
     assert set(results["speed_paths"]) == {"image_cache", "feature_cache", "compile"}
+    html = write_report(cached.run_dir).read_text()
+    assert "<dt>feature cache</dt><dd>on (0 reused, 33 computed)</dd>" in html

@@ -300,6 +300,8 @@ def _timings_section(results: dict[str, Any] | None) -> str:
             "accelerator": results.get("accelerator"),
             "precision": results.get("precision"),
             "channels last": results.get("channels_last"),
+            "image cache": (results.get("speed_paths") or {}).get("image_cache"),
+            "feature cache": (results.get("speed_paths") or {}).get("feature_cache"),
             "images train/val/test": "/".join(
                 str(v) for v in (results.get("num_images") or {}).values()
             )
