@@ -1,5 +1,6 @@
 """The ``inat-finetune`` command line with one extra callback: every DDP rank writes down which
-samples its loaders gave it and how many images it processed (read by test_distributed.py).
+samples its loaders gave it, how many images it processed and how many backbone features it
+computed for the feature cache (read by test_distributed.py).
 
 Run as a script (``python tests/ddp_probe.py train ...``, or under torchrun) so that Lightning's
 launcher re-runs this same file, probe included, for the other ranks.
@@ -16,6 +17,17 @@ from typing import Any
 import lightning as L
 
 from inat_finetune import cli, training
+
+FEATURES_COMPUTED: list[int] = []  # backbone passes this rank ran to fill the feature cache
+
+
+def counting_cached_features(*args: Any, **kwargs: Any) -> Any:
+    cached = features_cached(*args, **kwargs)
+    FEATURES_COMPUTED.append(cached.computed)
+    return cached
+
+
+features_cached = training.cached_features
 
 
 class ShardProbe(L.Callback):
@@ -47,6 +59,8 @@ class ShardProbe(L.Callback):
             "rank": trainer.global_rank,
             "world_size": trainer.world_size,
             "strategy": type(trainer.strategy).__name__,
+            "datamodule": type(trainer.datamodule).__name__,
+            "features_computed": FEATURES_COMPUTED,
             "indices": self.indices,
             "images": self.images,
         }
@@ -57,4 +71,5 @@ class ShardProbe(L.Callback):
 if __name__ == "__main__":
     probe = ShardProbe(Path(os.environ["DDP_PROBE_DIR"]))
     training.train = functools.partial(training.train, callbacks=[probe])
+    training.cached_features = counting_cached_features
     cli.app()

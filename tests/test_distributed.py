@@ -225,6 +225,9 @@ def test_two_processes_match_one_with_one_set_of_outputs(
     probe_dir = tmp_path / "probe"
     command = [*LAUNCHERS[launcher](), "--data", str(dataset), *TINY_ARGS, "--batch-size", "8"]
     # A relative --output on purpose: every rank must agree on one directory anyway.
+    # A cache of its own, so that the features are computed here and not reused from the
+    # single-process run.
+    command += ["--cache-dir", str(tmp_path / "cache")]
     done = _launch([*command, "--output", "runs"], probe_dir, cwd=tmp_path)
 
     # Exactly one set of outputs: one run directory, one results.json, one report, one table.
@@ -248,6 +251,12 @@ def test_two_processes_match_one_with_one_set_of_outputs(
             assert not shards[0] & shards[1], (split, epoch)
             assert shards[0] | shards[1] == set(range(sizes[split])), (split, epoch)
     assert [r["images"]["train"] for r in records] == [16, 16]  # 8 per epoch each, 2 epochs
+    # The frozen backbone ran once per image, on rank 0; rank 1 read the shared feature cache
+    # and both trained the head on stored features, each on its own shard (checked above).
+    total = sum(sizes.values())
+    assert [r["features_computed"] for r in records] == [[total], [0]]
+    assert [r["datamodule"] for r in records] == ["FeatureDataModule"] * 2
+    assert results["speed_paths"]["feature_cache"] == f"on (0 reused, {total} computed)"
     assert sorted(r["images"]["test"] for r in records) == [4, 5]
 
     # The same numbers as one process with the same global batch.

@@ -54,7 +54,7 @@ from inat_finetune.distributed import (
     scaled_lr,
     shared_directory,
 )
-from inat_finetune.features import CachedFeatures, cached_features, run_tail
+from inat_finetune.features import cached_features, run_tail
 from inat_finetune.freezing import FreezeSummary, hold_frozen_batchnorm
 from inat_finetune.models import get_model
 from inat_finetune.optim import (
@@ -453,9 +453,9 @@ def train(
 
     if run_dir is None:
         run_dir = shared_directory(
-        lambda: new_run_dir(
-            config.output, config.run_name or f"{config.backbone}-{config.strategy}"
-        ),
+            lambda: new_run_dir(
+                config.output, config.run_name or f"{config.backbone}-{config.strategy}"
+            ),
             world.processes,
         )
     if zero:
@@ -502,12 +502,9 @@ def train(
         channels_last=channels_last,
         plan=plan,
     )
-    if world.processes > 1:
-        # The stored-features data module does not shard; several processes read images.
-        cached = CachedFeatures("off (several processes)")
-    else:
+    with rank_zero_first():  # rank 0 runs the backbone over the images, the others read
         cached = cached_features(
-            config, module, built.head, datamodule, accelerator, precision, progress
+            config, module, built.head, datamodule, accelerator, precision, progress and zero
         )
     if cached.datamodule is not None:
         datamodule, module.feature_tail = cached.datamodule, cached.tail
