@@ -120,7 +120,8 @@ def project_side(split: Any, args: argparse.Namespace) -> dict[str, Any]:
             batch_size=args.batch_size,
             seed=args.seed,
             augment=args.augment,
-            num_workers=args.workers,
+            # The project sizes its own DataLoader workers unless --project-workers is given.
+            num_workers=args.project_workers,
             output=str(Path(tmp) / "runs"),
             cache_dir=str(Path(tmp) / "cache"),
         )
@@ -153,7 +154,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="the naive loop's and the limit's")
+    parser.add_argument(
+        "--project-workers", type=int, default=None, help="default: the project's own choice"
+    )
     parser.add_argument("--repeats", type=int, default=2, help="best of N, sides alternating")
     parser.add_argument(
         "--augment",
@@ -171,7 +175,10 @@ def main() -> None:
         f"- machine: {machine()}",
         f"- command: `{' '.join(['python', *sys.argv])}`",
         f"- data: {args.data}, {args.backbone}, {args.epochs} epochs, batch {args.batch_size}, "
-        f"augmentation {'on' if args.augment else 'off'}, {args.workers} DataLoader workers, "
+        f"augmentation {'on' if args.augment else 'off'}, {args.workers} DataLoader workers for "
+        "the naive loop and the limit, "
+        + (f"{args.project_workers}" if args.project_workers is not None else "the default")
+        + " for the project, "
         f"best of {args.repeats} repeats",
     ]
     split = make_split(args.data, args.seed)
@@ -217,7 +224,7 @@ def main() -> None:
             f"| {strategy} | {old.wall_s:.1f} | {row['wall_time_s']:.1f} | "
             f"{old.wall_s / row['wall_time_s']:.1f}x | {100 * old.test_acc:.1f}% | "
             f"{100 * row['test_acc']:.1f}% | images {paths['image_cache']}; "
-            f"features {paths['feature_cache']} |"
+            f"features {paths['feature_cache']}; {paths.get('workers')} workers |"
         )
     lines.append(
         f"| **whole comparison** | {naive_total:.1f} | {project_total:.1f} | "

@@ -1,4 +1,4 @@
-"""Speed paths chosen by the hardware: bf16 only where it is computed natively."""
+"""Speed paths chosen by the hardware: bf16 only where it is computed natively; DataLoader workers."""
 
 from __future__ import annotations
 
@@ -61,3 +61,22 @@ def test_explicit_choices_override_the_automatic_ones(monkeypatch):
     assert resolve_channels_last(None, "cpu") is True
     assert resolve_channels_last(None, "mps") is False
     assert resolve_channels_last(False, "cuda") is False
+
+
+@pytest.mark.parametrize(
+    ("cores", "accelerator", "prepared", "expected"),
+    [
+        (2, "cpu", True, 0),  # the CPU computes and a prepared image is a memory copy
+        (2, "cpu", False, 2),  # decoding JPEGs in workers overlaps with the network
+        (2, "cuda", True, 2),  # the GPU computes: the CPU cores are free to load
+        (16, "cpu", True, 8),
+        (64, "cuda", False, 8),
+    ],
+)
+def test_default_workers_are_sized_to_the_machine(
+    monkeypatch, cores, accelerator, prepared, expected
+):
+    from inat_finetune import data
+
+    monkeypatch.setattr(data, "cpu_cores", lambda: cores)
+    assert data.default_num_workers(accelerator, prepared) == expected

@@ -178,5 +178,6 @@ def test_training_reads_the_cache_and_compiles_on_request(tmp_path, monkeypatch)
         "feature_cache": "off (augmentation on; --no-augment lets a frozen backbone's "
         "features be cached)",
         "compile": True,
+        "workers": 0,
     }
     assert [type(m).__name__ for m in compiled] == ["MobileNetV2"]

@@ -242,7 +242,9 @@ FeatureCacheOpt = Annotated[
 ]
 CacheDirOpt = Annotated[
     str | None,
-    _opt("--cache-dir", help="cache folder [default: $INAT_FINETUNE_CACHE or ~/.cache/inat-finetune]"),
+    _opt(
+        "--cache-dir", help="cache folder [default: $INAT_FINETUNE_CACHE or ~/.cache/inat-finetune]"
+    ),
 ]
 CompileOpt = Annotated[
     bool | None, _opt("--compile/--no-compile", help="torch.compile the network [default: off]")

@@ -86,7 +86,9 @@ class TrainConfig(BaseModel):
     cache_dir: str | None = Field(
         None, description="cache folder (default: $INAT_FINETUNE_CACHE or ~/.cache/inat-finetune)"
     )
-    compile: bool = Field(False, description="torch.compile the network (slow start; long GPU runs)")
+    compile: bool = Field(
+        False, description="torch.compile the network (slow start; long GPU runs)"
+    )
     wandb: bool = False
     wandb_project: str = "inat-finetune"
     wandb_group: str | None = Field(None, description="W&B group (compare sets one per comparison)")

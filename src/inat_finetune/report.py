@@ -302,6 +302,7 @@ def _timings_section(results: dict[str, Any] | None) -> str:
             "channels last": results.get("channels_last"),
             "image cache": (results.get("speed_paths") or {}).get("image_cache"),
             "feature cache": (results.get("speed_paths") or {}).get("feature_cache"),
+            "DataLoader workers": (results.get("speed_paths") or {}).get("workers"),
             "images train/val/test": "/".join(
                 str(v) for v in (results.get("num_images") or {}).values()
             )

@@ -42,7 +42,7 @@ from inat_finetune.checkpointing import (
     periodic_last_checkpoint,
 )
 from inat_finetune.config import TrainConfig
-from inat_finetune.data import DataSplit, FineTuneDataModule, make_split
+from inat_finetune.data import DataSplit, FineTuneDataModule, default_num_workers, make_split
 from inat_finetune.distributed import (
     broadcast_from_zero,
     check_shardable,
@@ -465,26 +465,25 @@ def train(
 
     precision = resolve_precision(config.precision, accelerator)
     channels_last = resolve_channels_last(config.channels_last, accelerator)
-    with rank_zero_first():  # one process builds the image cache, the others then read it
-        image_store, image_cache = prepared_images_for(
-            split, preprocessing, config.image_cache, config.cache_dir, progress and zero
+
+    def image_datamodule(image_store: Any = None) -> FineTuneDataModule:
+        return FineTuneDataModule(
+            split,
+            preprocessing,
+            config.batch_size,
+            config.num_workers,
+            config.augment,
+            config.seed,
+            image_store=image_store,
+            train_transform=build_recipe_train_transform(
+                preprocessing, config.augmentation, config.random_erasing
+            )
+            if config.augment
+            else None,
+            eval_preprocessing=test_preprocessing,
+            test_transform=tta_eval_transform(test_preprocessing, config.tta),
         )
-    datamodule = FineTuneDataModule(
-        split,
-        preprocessing,
-        config.batch_size,
-        config.num_workers,
-        config.augment,
-        config.seed,
-        image_store=image_store,
-        train_transform=build_recipe_train_transform(
-            preprocessing, config.augmentation, config.random_erasing
-        )
-        if config.augment
-        else None,
-        eval_preprocessing=test_preprocessing,
-        test_transform=tta_eval_transform(test_preprocessing, config.tta),
-    )
+
     # The card's preprocessing is what evaluate/predict/export apply: the test-time one.
     card = model_card(config, split, built, test_preprocessing, summary)
     card.update(recipe_card(config, plan, preprocessing))
@@ -502,18 +501,38 @@ def train(
         channels_last=channels_last,
         plan=plan,
     )
-    with rank_zero_first():  # rank 0 runs the backbone over the images, the others read
+    # Caches: rank 0 builds, the other ranks then read what it wrote. The feature cache comes
+    # first, on images decoded from the files: when it is used, the images are needed for that
+    # one pass only, and preparing them first would decode them once more (the cached images
+    # are bit for bit the decoded ones, so the features are the same either way).
+    with rank_zero_first():
         cached = cached_features(
-            config, module, built.head, datamodule, accelerator, precision, progress and zero
+            config,
+            module,
+            built.head,
+            image_datamodule(),
+            accelerator,
+            precision,
+            progress and zero,
         )
     if cached.datamodule is not None:
         datamodule, module.feature_tail = cached.datamodule, cached.tail
-    elif config.compile:
-        module.model.compile()  # in place: the state dict keeps its names, checkpoints stay usable
+        image_cache = "not needed (features cached)" if config.image_cache else "off"
+    else:
+        with rank_zero_first():
+            image_store, image_cache = prepared_images_for(
+                split, preprocessing, config.image_cache, config.cache_dir, progress and zero
+            )
+        datamodule = image_datamodule(image_store)
+        if config.num_workers is None:
+            datamodule.num_workers = default_num_workers(accelerator, image_store is not None)
+        if config.compile:
+            module.model.compile()  # in place: the state dict keeps its names, checkpoints stay usable
     speed_paths = {
         "image_cache": image_cache,
         "feature_cache": cached.summary,
         "compile": config.compile and cached.datamodule is None,
+        "workers": datamodule.num_workers,
     }
     if zero and (world.processes > 1 or config.scale_lr != "none"):
         log.info(
