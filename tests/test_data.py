@@ -218,3 +218,31 @@ def test_dataset_paths_with_spaces_and_non_ascii(tmp_path):
     assert split.classes == ["red ant", "épeire diadème"]
     path, label = split.samples("train")[0]
     assert Path(path).is_file() and label == 0
+
+
+def test_normalisation_in_one_step_equals_torchvisions_three():
+    from PIL import Image as PILImage
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+
+    from inat_finetune.data import ToNormalisedFloat
+
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    reference = v2.Compose(
+        [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    )
+    fused = ToNormalisedFloat(mean, std)
+    pixels = torch.randint(0, 256, (3, 20, 30), dtype=torch.uint8)
+    for image in (
+        tv_tensors.Image(pixels),  # prepared images
+        PILImage.fromarray(pixels.permute(1, 2, 0).numpy()),  # decoded photos
+        pixels.float() / 255,  # a float image in [0, 1]
+    ):
+        before = image.clone() if isinstance(image, torch.Tensor) else None
+        out = fused(image)
+        assert out.dtype == torch.float32 and out.shape == (3, 20, 30)
+        assert torch.allclose(out, reference(image), atol=2e-6)
+        if before is not None:  # the input is left as it was
+            assert torch.equal(image, before)
+    # Its repr is part of the feature cache key: it must name the values.
+    assert repr(fused) == f"ToNormalisedFloat(mean={mean}, std={std})"

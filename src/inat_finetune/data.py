@@ -381,12 +381,43 @@ class ImageListDataset(Dataset):
         return self.transform(image), label
 
 
+class ToNormalisedFloat:
+    """Image to normalised float32 ``(x / 255 - mean) / std`` in one subtraction and one
+    multiplication.
+
+    The same values as ``ToImage``, ``ToDtype(scale=True)`` and ``Normalize`` (to ~1e-6) in
+    about half the time: reading a prepared image costs little more than this step, so it
+    bounds the prepared cache's images/s.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean, self.std = tuple(mean), tuple(std)
+        self._shift = {  # by input dtype: uint8 holds 0-255, floats 0-1
+            torch.uint8: torch.tensor(self.mean).mul(255).view(-1, 1, 1),
+            torch.float32: torch.tensor(self.mean).view(-1, 1, 1),
+        }
+        self._scale = {
+            torch.uint8: torch.tensor(self.std).mul(255).reciprocal().view(-1, 1, 1),
+            torch.float32: torch.tensor(self.std).reciprocal().view(-1, 1, 1),
+        }
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        if not isinstance(image, torch.Tensor):
+            image = v2.functional.to_image(image)
+        tensor = image.as_subclass(torch.Tensor)
+        if tensor.dtype not in self._shift:
+            tensor = v2.functional.to_dtype(tensor, torch.float32, scale=True)
+        kind = tensor.dtype
+        # Not in place on the input: the subtraction allocates the float32 result (uint8
+        # promotes), and only that new tensor is scaled in place.
+        return tensor.sub(self._shift[kind]).mul_(self._scale[kind])
+
+    def __repr__(self) -> str:  # part of the feature cache's key: stable, and names the values
+        return f"{type(self).__name__}(mean={list(self.mean)}, std={list(self.std)})"
+
+
 def _to_normalised_tensor(pre: Preprocessing) -> list[Any]:
-    return [
-        v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean=list(pre.mean), std=list(pre.std)),
-    ]
+    return [ToNormalisedFloat(pre.mean, pre.std)]
 
 
 def build_train_transform(pre: Preprocessing, augment: bool = True) -> v2.Compose:

@@ -1,0 +1,96 @@
+"""Two small measurements behind choices in the speed paths (see RESULTS.md), on this machine.
+
+    PYTHONPATH=src python benchmarks/cpu_probes.py steps     # training-step images/s, ~2 min
+    PYTHONPATH=src python benchmarks/cpu_probes.py workers   # DataLoader workers 2 vs 0, ~2 min
+
+``steps``: MobileNetV2, batch 32, 224 px, one optimiser step at a time outside Lightning, for
+the two strategies that train inside the backbone, in bf16 channels-last (the project's CPU
+path), bf16 NCHW and fp32 channels-last. The floor for any training loop on this hardware.
+
+``workers``: 2-epoch ``freeze_except_bn_and_fc`` runs of the project on hymenoptera reading the
+prepared-image cache, with 2 DataLoader workers and with none, alternating, without and then
+with augmentation; the first run of each pair also fills the cache.
+"""
+
+from __future__ import annotations
+
+import inat_finetune  # noqa: F401 - first: sets OpenMP's wait policy before torch loads
+
+# isort: split
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from inat_finetune.config import load_config
+from inat_finetune.data import make_split
+from inat_finetune.freezing import apply_strategy
+from inat_finetune.models import get_model
+from inat_finetune.training import train
+
+HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hymenoptera"
+
+
+def step_rate(strategy: str, channels_last: bool, bf16: bool, steps: int = 4) -> float:
+    torch.manual_seed(0)
+    images, labels = torch.randn(32, 3, 224, 224), torch.randint(0, 2, (32,))
+    built = get_model("mobilenet_v2", num_classes=2)
+    model = built.model
+    apply_strategy(model, built.head, strategy)
+    model.train()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], 1e-3)
+
+    def step() -> None:
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    step()  # kernel selection
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return 32 * steps / (time.perf_counter() - started)
+
+
+def steps() -> None:
+    for strategy in ("freeze_except_bn_and_fc", "freeze_k_percent"):
+        for channels_last, bf16 in ((True, True), (False, True), (True, False)):
+            rate = step_rate(strategy, channels_last, bf16)
+            layout = "channels-last" if channels_last else "NCHW"
+            print(f"{strategy} {layout} {'bf16' if bf16 else 'fp32'}: {rate:.1f} img/s", flush=True)
+
+
+def workers() -> None:
+    split = make_split(HYMENOPTERA, 42)
+    with tempfile.TemporaryDirectory() as tmp:
+        for augment in (False, True):
+            for count in (2, 0, 2, 0):
+                config = load_config(
+                    None,
+                    data=str(HYMENOPTERA),
+                    backbone="mobilenet_v2",
+                    strategy="freeze_except_bn_and_fc",
+                    epochs=2,
+                    augment=augment,
+                    num_workers=count,
+                    output=f"{tmp}/runs",
+                    cache_dir=f"{tmp}/cache",
+                )
+                started = time.perf_counter()
+                result = train(config, split, progress=False, report=False).results
+                print(
+                    f"augment={augment} workers={count}: total {time.perf_counter() - started:.1f}"
+                    f" s, fit {result['train_time_s']:.1f} s, test {result['test_time_s']:.1f} s",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    {"steps": steps, "workers": workers}[sys.argv[1] if len(sys.argv) > 1 else "steps"]()
