@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python benchmarks/cpu_probes.py steps     # training-step images/s, ~2 min
     PYTHONPATH=src python benchmarks/cpu_probes.py workers   # DataLoader workers 2 vs 0, ~2 min
+    PYTHONPATH=src python benchmarks/cpu_probes.py prefix    # frozen prefix's share, ~30 s
 
 ``steps``: MobileNetV2, batch 32, 224 px, one optimiser step at a time outside Lightning, for
 the two strategies that train inside the backbone, in bf16 channels-last (the project's CPU
@@ -10,6 +11,10 @@ path), bf16 NCHW and fp32 channels-last. The floor for any training loop on this
 ``workers``: 2-epoch ``freeze_except_bn_and_fc`` runs of the project on hymenoptera reading the
 prepared-image cache, with 2 DataLoader workers and with none, alternating, without and then
 with augmentation; the first run of each pair also fills the cache.
+
+``prefix``: how much of MobileNetV2's bf16 channels-last forward pass (batch 32, 224 px) the
+blocks that ``freeze_k_percent`` leaves wholly frozen take: what caching their output (not
+built) could save that strategy.
 """
 
 from __future__ import annotations
@@ -92,5 +97,31 @@ def workers() -> None:
                 )
 
 
+def prefix() -> None:
+    built = get_model("mobilenet_v2", num_classes=2)
+    apply_strategy(built.model, built.head, "freeze_k_percent")
+    first = next(n for n, p in built.model.named_parameters() if p.requires_grad)
+    block = int(first.split(".")[1])  # features.<block>...: the blocks before it are frozen
+    model = built.model.eval().to(memory_format=torch.channels_last)
+    frozen, rest = model.features[:block], model.features[block:]
+    images = torch.randn(32, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+        middle = frozen(images)
+        rest(middle)  # kernel selection
+        times = []
+        for part, data in ((frozen, images), (rest, middle)):
+            started = time.perf_counter()
+            for _ in range(4):
+                part(data)
+            times.append((time.perf_counter() - started) / 4)
+    print(
+        f"first trainable tensor {first}; features.0-{block - 1} (frozen): {times[0]:.3f} s per "
+        f"batch, features.{block}- : {times[1]:.3f} s; frozen share "
+        f"{times[0] / sum(times):.0%}; output {tuple(middle.shape)}"
+    )
+
+
 if __name__ == "__main__":
-    {"steps": steps, "workers": workers}[sys.argv[1] if len(sys.argv) > 1 else "steps"]()
+    {"steps": steps, "workers": workers, "prefix": prefix}[
+        sys.argv[1] if len(sys.argv) > 1 else "steps"
+    ]()
