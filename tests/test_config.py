@@ -79,3 +79,15 @@ def test_any_valid_config_round_trips(epochs, lr, freeze_percent, strategy, img_
         augment=augment,
     )
     assert TrainConfig(**yaml.safe_load(yaml.safe_dump(cfg.to_yaml_dict()))) == cfg
+
+
+def test_help_shows_the_defaults_written_in_brackets():
+    # Typer renders option help as rich markup, in which "[default: resnet50]" is a style tag.
+    from typer.testing import CliRunner
+
+    from inat_finetune.cli import app
+
+    result = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "[default: resnet50]" in result.output
+    assert "[default: auto]" in result.output

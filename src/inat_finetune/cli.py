@@ -11,6 +11,7 @@ import click
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from inat_finetune.errors import UserError, one_line
@@ -133,7 +134,8 @@ def _print_results(results: dict, run_dir: Path | None = None) -> None:
 # Options shared by `train`, `compare` and `demo`. None means "not given", so a value from the
 # --config YAML file is not overridden; the defaults live in config.TrainConfig.
 def _opt(*names: str, help: str) -> typer.models.OptionInfo:  # noqa: A002 - Typer's name
-    return typer.Option(*names, help=help)
+    # Typer renders help as rich markup, where "[default: 8]" is a style tag and vanishes.
+    return typer.Option(*names, help=escape(help))
 
 
 DataOpt = Annotated[
@@ -196,7 +198,12 @@ SeedOpt = Annotated[
     _opt("--seed", help="seeds splits, weights init, augmentation, workers [default: 42]"),
 ]
 WorkersOpt = Annotated[
-    int | None, _opt("--num-workers", help="DataLoader workers [default: CPU count, max 8]")
+    int | None,
+    _opt(
+        "--num-workers",
+        help="DataLoader workers [default: CPU count, max 8; none when a CPU of at most 4 cores "
+        "trains on prepared images]",
+    ),
 ]
 AcceleratorOpt = Annotated[
     str | None, _opt("--accelerator", help="auto, cpu, cuda, mps [default: auto]")

@@ -60,7 +60,10 @@ class TrainConfig(BaseModel):
 
     seed: int = 42
     num_workers: int | None = Field(
-        None, ge=0, description="DataLoader workers (default: CPU count, max 8)"
+        None,
+        ge=0,
+        description="DataLoader workers (default: CPU count, max 8; none when a CPU of at most "
+        "4 cores trains on prepared images)",
     )
     accelerator: str = Field("auto", description="auto, cpu, cuda, mps")
     devices: str = Field("auto", description="Lightning devices: auto, 1, 2, ...")
