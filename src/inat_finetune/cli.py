@@ -695,7 +695,7 @@ def download(
         "data"
     ),
     url: Annotated[
-        str | None, typer.Option("--url", help="zip archive [default: nature_12K's URL]")
+        str | None, typer.Option("--url", help=escape("zip archive [default: nature_12K's URL]"))
     ] = None,
     subset: Annotated[
         int | None,
@@ -703,7 +703,9 @@ def download(
     ] = None,
     test_subset: Annotated[
         int | None,
-        typer.Option("--test-subset", help="test images per class with --subset [default: N/5]"),
+        typer.Option(
+            "--test-subset", help=escape("test images per class with --subset [default: N/5]")
+        ),
     ] = None,
     seed: Annotated[int, typer.Option(help="seeds which images --subset picks")] = 42,
 ) -> None:
@@ -760,13 +762,15 @@ def show(
     ],
     split: Annotated[str, typer.Option("--split", help="train, val or test")] = "train",
     class_name: Annotated[
-        str | None, typer.Option("--class", help="class to show [default: a random one]")
+        str | None, typer.Option("--class", help=escape("class to show [default: a random one]"))
     ] = None,
     n: Annotated[int, typer.Option("-n", help="number of images")] = 10,
     seed: Annotated[int, typer.Option(help="seeds the class and image choice")] = 0,
     output: Annotated[
         Path | None,
-        typer.Option("--output", help="PNG file to write [default: samples-<split>-<class>.png]"),
+        typer.Option(
+            "--output", help=escape("PNG file to write [default: samples-<split>-<class>.png]")
+        ),
     ] = None,
 ) -> None:
     """Save a row of random images of one class, titled with the class (seeded)."""
@@ -853,7 +857,8 @@ def export_model(
     run_or_ckpt: Annotated[Path, typer.Argument(help="a run directory or a .ckpt file")],
     format: Annotated[str, typer.Option("--format", help="onnx or torchscript")] = "onnx",
     output: Annotated[
-        Path | None, typer.Option("--output", help="folder to write to [default: <run>/export]")
+        Path | None,
+        typer.Option("--output", help=escape("folder to write to [default: <run>/export]")),
     ] = None,
 ) -> None:
     """Export for other runtimes (dynamic batch), with preprocessing.json beside the model."""
@@ -917,12 +922,16 @@ def sweep(
         str | None,
         typer.Option(
             "--storage",
-            help="Optuna RDB URL shared by workers on many machines [default: sqlite:///<sweep dir>/study.db]",
+            help=escape(
+                "Optuna RDB URL shared by workers on many machines [default: sqlite:///<sweep dir>/study.db]"
+            ),
         ),
     ] = None,
     study_name: Annotated[
         str | None,
-        typer.Option("--study-name", help="study to create or join [default: from sweep.yaml]"),
+        typer.Option(
+            "--study-name", help=escape("study to create or join [default: from sweep.yaml]")
+        ),
     ] = None,
     data: DataOpt = None,
     output: Annotated[
