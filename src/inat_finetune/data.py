@@ -34,7 +34,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from inat_finetune.distributed import ShardSampler
+from inat_finetune.distributed import evaluation_sampler
 from inat_finetune.errors import UserError
 from inat_finetune.models import Preprocessing
 from inat_finetune.runfiles import read_json, write_json_atomic
@@ -523,11 +523,9 @@ class FineTuneDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         dataset = self.dataset(split)
-        sampler = None
-        if not shuffle and self.trainer is not None and self.trainer.world_size > 1:
-            # Under DDP each rank evaluates its own shard, every image exactly once. (Training
-            # gets Lightning's shuffling DistributedSampler, seeded by seed_everything.)
-            sampler = ShardSampler(dataset, self.trainer.world_size, self.trainer.global_rank)
+        # Under DDP each rank evaluates its own shard, every image exactly once. (Training gets
+        # Lightning's shuffling DistributedSampler, seeded by seed_everything.)
+        sampler = None if shuffle else evaluation_sampler(dataset, self.trainer)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,

@@ -330,6 +330,14 @@ class ShardSampler(DistributedSampler):
         return self.num_samples
 
 
+def evaluation_sampler(dataset: Dataset, trainer: Any) -> ShardSampler | None:
+    """The sampler a validation/test loader needs: this rank's exact shard under DDP, else None
+    (Lightning's default, which would pad and count repeated items twice)."""
+    if trainer is None or trainer.world_size <= 1:
+        return None
+    return ShardSampler(dataset, trainer.world_size, trainer.global_rank)
+
+
 def gather_shards(local: torch.Tensor) -> torch.Tensor:
     """Rows evaluated on each rank's ``ShardSampler`` shard, back in dataset order, on all ranks."""
     if not is_distributed():

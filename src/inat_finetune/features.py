@@ -57,7 +57,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, TensorDataset
 
 from inat_finetune.caching import ArrayStore, cache_root, short_hash
-from inat_finetune.distributed import ShardSampler
+from inat_finetune.distributed import evaluation_sampler
 
 log = logging.getLogger(__name__)
 
@@ -264,17 +264,10 @@ class FeatureDataModule(L.LightningDataModule):
         self.seed = seed
         self.num_workers = 0  # in memory already: workers would only add start-up time
 
-    def _several_processes(self) -> bool:
-        return self.trainer is not None and self.trainer.world_size > 1
-
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        sampler = None
-        if not shuffle and self._several_processes():
-            # As FineTuneDataModule: each rank evaluates its own shard, every item once.
-            sampler = ShardSampler(
-                self.datasets[split], self.trainer.world_size, self.trainer.global_rank
-            )
+        # As FineTuneDataModule: under DDP each rank evaluates its own shard, every item once.
+        sampler = None if shuffle else evaluation_sampler(self.datasets[split], self.trainer)
         return DataLoader(
             self.datasets[split],
             batch_size=self.batch_size,
@@ -285,7 +278,7 @@ class FeatureDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        if self._several_processes():
+        if self.trainer is not None and self.trainer.world_size > 1:
             # Lightning swaps in its shuffling DistributedSampler, as for images.
             return self._loader("train", shuffle=True)
         # Resumable mid-epoch, in the same order scheme as FineTuneDataModule (see sampling).

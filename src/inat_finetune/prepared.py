@@ -26,7 +26,6 @@ decoding (``benchmarks/data_pipeline.py`` measures it); turn the cache off with
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from inat_finetune.caching import ArrayStore, StoredArrays, cache_root, short_hash
-from inat_finetune.data import DataSplit, load_image, make_split
+from inat_finetune.data import DataSplit, cpu_cores, load_image, make_split
 from inat_finetune.errors import UserError
 from inat_finetune.models import Preprocessing
 
@@ -85,8 +84,7 @@ def _prepare_all(
     paths: list[Path], size: int, interpolation: str, progress: bool
 ) -> Iterator[tuple[Path, np.ndarray]]:
     # Threads, not processes: PIL's decoder and torch's resize release the GIL.
-    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    with ThreadPoolExecutor(max_workers=max(1, workers or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=cpu_cores()) as pool:
 
         def prepared() -> Iterator[tuple[Path, np.ndarray]]:
             for start in range(0, len(paths), CHUNK):

@@ -291,6 +291,7 @@ def _timings_section(results: dict[str, Any] | None) -> str:
     epochs = results.get("epochs")
     train_time = results.get("train_time_s")
     per_epoch = train_time / epochs if isinstance(train_time, (int, float)) and epochs else None
+    speed_paths = results.get("speed_paths") or {}
     return _kv(
         {
             "training (incl. validation)": _seconds(train_time),
@@ -300,9 +301,9 @@ def _timings_section(results: dict[str, Any] | None) -> str:
             "accelerator": results.get("accelerator"),
             "precision": results.get("precision"),
             "channels last": results.get("channels_last"),
-            "image cache": (results.get("speed_paths") or {}).get("image_cache"),
-            "feature cache": (results.get("speed_paths") or {}).get("feature_cache"),
-            "DataLoader workers": (results.get("speed_paths") or {}).get("workers"),
+            "image cache": speed_paths.get("image_cache"),
+            "feature cache": speed_paths.get("feature_cache"),
+            "DataLoader workers": speed_paths.get("workers"),
             "images train/val/test": "/".join(
                 str(v) for v in (results.get("num_images") or {}).values()
             )

@@ -76,7 +76,7 @@ class SeededSamples(Dataset):
         with torch.random.fork_rng(devices=[]):
             # The CPU generator only: torch.manual_seed also seeds every accelerator backend,
             # and before CUDA is initialised each of those records a stack trace (about 1 ms
-            # per sample; the whole cost of an epoch on stored features).
+            # per sample: most of the cost of an epoch on stored features).
             torch.random.default_generator.manual_seed(seed)
             random.seed(seed)
             np.random.seed(seed % 2**32)

@@ -467,11 +467,14 @@ def train(
     channels_last = resolve_channels_last(config.channels_last, accelerator)
 
     def image_datamodule(image_store: Any = None) -> FineTuneDataModule:
+        workers = config.num_workers
+        if workers is None:
+            workers = default_num_workers(accelerator, prepared=image_store is not None)
         return FineTuneDataModule(
             split,
             preprocessing,
             config.batch_size,
-            config.num_workers,
+            workers,
             config.augment,
             config.seed,
             image_store=image_store,
@@ -524,8 +527,6 @@ def train(
                 split, preprocessing, config.image_cache, config.cache_dir, progress and zero
             )
         datamodule = image_datamodule(image_store)
-        if config.num_workers is None:
-            datamodule.num_workers = default_num_workers(accelerator, image_store is not None)
         if config.compile:
             module.model.compile()  # in place: the state dict keeps its names, checkpoints stay usable
     speed_paths = {
