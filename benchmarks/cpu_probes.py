@@ -1,20 +1,25 @@
-"""Two small measurements behind choices in the speed paths (see RESULTS.md), on this machine.
+"""Small measurements behind choices in the speed paths (see RESULTS.md), on this machine.
 
-    PYTHONPATH=src python benchmarks/cpu_probes.py steps     # training-step images/s, ~2 min
-    PYTHONPATH=src python benchmarks/cpu_probes.py workers   # DataLoader workers 2 vs 0, ~2 min
-    PYTHONPATH=src python benchmarks/cpu_probes.py prefix    # frozen prefix's share, ~30 s
+    PYTHONPATH=src python benchmarks/cpu_probes.py steps      # training-step images/s, ~3 min
+    PYTHONPATH=src python benchmarks/cpu_probes.py workers    # DataLoader workers 2 vs 0, ~2 min
+    PYTHONPATH=src python benchmarks/cpu_probes.py prefix     # frozen prefix's share, ~30 s
+    PYTHONPATH=src python benchmarks/cpu_probes.py depthwise  # depthwise input gradient, ~30 s
 
 ``steps``: MobileNetV2, batch 32, 224 px, one optimiser step at a time outside Lightning, for
-the two strategies that train inside the backbone, in bf16 channels-last (the project's CPU
-path), bf16 NCHW and fp32 channels-last. The floor for any training loop on this hardware.
+the two strategies that train inside the backbone, in bf16 channels-last with the faster
+depthwise backward (the project's CPU path), the same with PyTorch's own depthwise backward,
+bf16 NCHW and fp32 channels-last. The floor for any training loop on this hardware.
 
 ``workers``: 2-epoch ``freeze_except_bn_and_fc`` runs of the project on hymenoptera reading the
 prepared-image cache, with 2 DataLoader workers and with none, alternating, without and then
 with augmentation; the first run of each pair also fills the cache.
 
 ``prefix``: how much of MobileNetV2's bf16 channels-last forward pass (batch 32, 224 px) the
-blocks that ``freeze_k_percent`` leaves wholly frozen take: what caching their output (not
-built) could save that strategy.
+blocks that ``freeze_k_percent`` leaves wholly frozen take: what storing their output (the
+feature cache's frozen prefix) saves that strategy in every epoch.
+
+``depthwise``: for each of MobileNetV2's depthwise layers with stride 2 (batch 32, bf16,
+channels-last), the forward pass and the input gradient by PyTorch and by ``depthwise_grad``.
 """
 
 from __future__ import annotations
@@ -25,12 +30,14 @@ import inat_finetune  # noqa: F401 - first: sets OpenMP's wait policy before tor
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from inat_finetune.config import load_config
 from inat_finetune.data import make_split
+from inat_finetune.depthwise_grad import _input_grad, eligible, use_fast_depthwise_grad
 from inat_finetune.freezing import apply_strategy
 from inat_finetune.models import get_model
 from inat_finetune.training import train
@@ -38,12 +45,16 @@ from inat_finetune.training import train
 HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hymenoptera"
 
 
-def step_rate(strategy: str, channels_last: bool, bf16: bool, steps: int = 4) -> float:
+def step_rate(
+    strategy: str, channels_last: bool, bf16: bool, fast_depthwise: bool, steps: int = 4
+) -> float:
     torch.manual_seed(0)
     images, labels = torch.randn(32, 3, 224, 224), torch.randint(0, 2, (32,))
     built = get_model("mobilenet_v2", num_classes=2)
     model = built.model
     apply_strategy(model, built.head, strategy)
+    if fast_depthwise:
+        use_fast_depthwise_grad(model)
     model.train()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -65,11 +76,16 @@ def step_rate(strategy: str, channels_last: bool, bf16: bool, steps: int = 4) ->
 
 
 def steps() -> None:
+    paths = ((True, True, True), (True, True, False), (False, True, False), (True, False, False))
     for strategy in ("freeze_except_bn_and_fc", "freeze_k_percent"):
-        for channels_last, bf16 in ((True, True), (False, True), (True, False)):
-            rate = step_rate(strategy, channels_last, bf16)
+        for channels_last, bf16, fast in paths:
+            rate = step_rate(strategy, channels_last, bf16, fast)
             layout = "channels-last" if channels_last else "NCHW"
-            print(f"{strategy} {layout} {'bf16' if bf16 else 'fp32'}: {rate:.1f} img/s", flush=True)
+            grad = "fast depthwise backward" if fast else "PyTorch's depthwise backward"
+            print(
+                f"{strategy} {layout} {'bf16' if bf16 else 'fp32'}, {grad}: {rate:.1f} img/s",
+                flush=True,
+            )
 
 
 def workers() -> None:
@@ -121,7 +137,57 @@ def prefix() -> None:
     )
 
 
+def _seconds(fn: Callable[[], object]) -> float:
+    fn()  # kernel selection
+    started = time.perf_counter()
+    for _ in range(3):
+        fn()
+    return (time.perf_counter() - started) / 3
+
+
+def _depthwise_layer(conv: torch.nn.Conv2d, size: int) -> None:
+    shape = (32, conv.in_channels, size, size)
+    x = torch.randn(shape, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    weight = conv.weight.detach().to(torch.bfloat16)
+    stride, padding, groups = conv.stride, conv.padding, conv.in_channels
+
+    def forward() -> torch.Tensor:
+        return torch.nn.functional.conv2d(x, weight, None, stride, padding, 1, groups)
+
+    grad = torch.randn_like(forward())
+    native = _seconds(
+        lambda: torch.ops.aten.convolution_backward(
+            grad,
+            x,
+            weight,
+            None,
+            list(stride),
+            list(padding),
+            [1, 1],
+            False,
+            [0, 0],
+            groups,
+            [True, False, False],
+        )  # fmt: skip
+    )
+    fast = _seconds(lambda: _input_grad(grad, weight, x.shape, stride, padding))
+    print(
+        f"{conv.in_channels} channels, {size} px, stride 2: forward "
+        f"{_seconds(forward) * 1e3:.1f} ms, input gradient {native * 1e3:.1f} ms (PyTorch) / "
+        f"{fast * 1e3:.1f} ms (depthwise_grad)",
+        flush=True,
+    )
+
+
+def depthwise() -> None:
+    model = get_model("mobilenet_v2", num_classes=2).model
+    size = 112  # the input of the first stride-2 depthwise layer at 224 px; halved by each
+    for conv in (m for m in model.modules() if eligible(m) and m.stride != (1, 1)):
+        _depthwise_layer(conv, size)
+        size //= 2
+
+
 if __name__ == "__main__":
-    {"steps": steps, "workers": workers, "prefix": prefix}[
+    {"steps": steps, "workers": workers, "prefix": prefix, "depthwise": depthwise}[
         sys.argv[1] if len(sys.argv) > 1 else "steps"
     ]()

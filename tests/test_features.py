@@ -14,7 +14,7 @@ from torch import nn
 from inat_finetune import features
 from inat_finetune.config import load_config
 from inat_finetune.evaluation import evaluate
-from inat_finetune.features import feature_tail, probe, why_not_cacheable
+from inat_finetune.features import blocks, feature_tail, frozen_prefix, probe, why_not_cacheable
 from inat_finetune.training import FineTuneModule, train
 
 TINY = dict(
@@ -180,6 +180,150 @@ def test_results_file_and_report_name_the_paths(runs):
 
     _, _, _, cached = runs
     results = json.loads((cached.run_dir / "results.json").read_text())
-    assert set(results["speed_paths"]) == {"image_cache", "feature_cache", "compile", "workers"}
+    assert set(results["speed_paths"]) == {
+        "image_cache",
+        "feature_cache",
+        "compile",
+        "workers",
+        "depthwise_grad",
+    }
+    # The linear probe trains no convolution, so the depthwise backward is not switched.
+    assert results["speed_paths"]["depthwise_grad"] == "native"
     html = write_report(cached.run_dir).read_text()
     assert "<dt>feature cache</dt><dd>on (0 reused, 33 computed)</dd>" in html
+
+
+# ---------------------------------------------------------------------------------------------
+# The frozen prefix: freeze_k_percent trains the later blocks on stored outputs of the first
+
+
+@pytest.fixture(scope="module")
+def prefix_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prefix")
+    make_class_folders(root / "data" / "train", {"cat": 8, "dog": 8, "fox": 8})
+    make_class_folders(root / "data" / "val", {"cat": 3, "dog": 3, "fox": 3}, seed=9)
+    common = dict(data=str(root / "data"), output=str(root / "runs"), cache_dir=str(root / "c"))
+    settings = {**TINY, "strategy": "freeze_k_percent"}
+    plain = train(
+        load_config(None, feature_cache=False, **common, **settings), progress=False, report=False
+    )
+    cached = train(load_config(None, **common, **settings), progress=False, report=False)
+    return common, settings, plain, cached
+
+
+def test_prefix_cached_and_uncached_training_give_the_same_metrics(prefix_runs):
+    _, _, plain, cached = prefix_runs
+    # 25% of MobileNetV2's tensors frozen: features.0-4 entirely, features.5 in part.
+    assert cached.results["speed_paths"]["feature_cache"] == (
+        "on after features.4 (0 reused, 33 computed)"
+    )
+    assert plain.results["speed_paths"]["feature_cache"] == "off"
+    assert cached.results["speed_paths"]["image_cache"] == "not needed (features cached)"
+    # Both train convolutions after the prefix on the CPU: the faster depthwise backward.
+    assert plain.results["speed_paths"]["depthwise_grad"] == "fast (17 layers)"
+    assert cached.results["speed_paths"]["depthwise_grad"] == "fast (17 layers)"
+    for key in ("best_val_acc", "test_acc", "final_train_acc", "best_epoch"):
+        assert cached.results[key] == plain.results[key], key
+    assert cached.results["test_loss"] == pytest.approx(plain.results["test_loss"], abs=1e-4)
+    for a, b in zip(
+        _csv(plain.run_dir / "metrics.csv"), _csv(cached.run_dir / "metrics.csv"), strict=True
+    ):
+        for key in ("train/loss", "val/loss"):
+            if a[key]:
+                assert float(b[key]) == pytest.approx(float(a[key]), abs=1e-4), key
+    # The trained blocks moved, and the checkpoint holds the whole network for evaluate.
+    state_a = torch.load(plain.run_dir / "checkpoints" / "best.ckpt", weights_only=True)
+    state_b = torch.load(cached.run_dir / "checkpoints" / "best.ckpt", weights_only=True)
+    assert state_a["state_dict"].keys() == state_b["state_dict"].keys()
+    for key in ("model.features.0.0.weight", "model.features.10.conv.0.0.weight"):
+        torch.testing.assert_close(
+            state_b["state_dict"][key], state_a["state_dict"][key], rtol=1e-3, atol=1e-4
+        )
+    assert evaluate(cached.run_dir, progress=False)["test_acc"] == cached.results["test_acc"]
+
+
+def test_prefix_outputs_are_reused_by_the_next_run(prefix_runs, monkeypatch):
+    common, settings, _, _ = prefix_runs
+    monkeypatch.setattr(features, "_extract", lambda *a, **k: iter(()))
+    again = train(
+        load_config(None, **common, **{**settings, "lr": 0.01}), progress=False, report=False
+    )
+    assert again.results["speed_paths"]["feature_cache"] == (
+        "on after features.4 (33 reused, 0 computed)"
+    )
+
+
+class Chain(nn.Module):
+    """Two frozen convolutions, then a trained one; ``between`` and ``before`` add functional
+    steps that a cut must not skip."""
+
+    def __init__(self, between: bool = False, before: bool = False, wide: bool = False) -> None:
+        super().__init__()
+        self.between, self.before = between, before
+        self.a = nn.Conv2d(3, 16 if wide else 2, 3, stride=2, padding=1)
+        self.b = nn.Conv2d(16 if wide else 2, 2, 3, padding=1)
+        self.c = nn.Conv2d(2, 2, 3, padding=1)
+        self.fc = nn.Linear(2, 2)
+        for layer in (self.a, self.b):
+            layer.requires_grad_(False)
+
+    def forward(self, x):
+        x = self.a(x * 0.5 if self.before else x)
+        x = self.b(x * 2 if self.between else x)
+        return self.fc(self.c(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize(
+    ("model", "cut"),
+    [
+        (Chain(), ["a", "b"]),
+        (Chain(between=True), ["a"]),  # b's input is not a's output
+        (Chain(before=True), []),  # the network transforms its input before the first block
+        (Chain(wide=True), ["a", "b"]),  # a's output (16x4x4) is too large to be a cut
+        (nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 2, 1)), []),
+    ],
+)
+def test_frozen_prefix_cuts_only_where_the_network_is_a_chain(model, cut):
+    for name, param in model.named_parameters():
+        param.requires_grad_(not name.startswith(("a.", "b.", "0.")))
+    module = FineTuneModule(model, {"class_names": ["a", "b"]})
+    assert frozen_prefix(module, crop_size=8) == cut
+
+
+def test_frozen_prefix_stops_at_batch_statistics_and_randomness():
+    model = nn.Sequential(
+        nn.Conv2d(3, 2, 3, stride=2), nn.BatchNorm2d(2), nn.Dropout(0.5), nn.Conv2d(2, 2, 1)
+    )
+    assert blocks(model) == ["0", "1", "2", "3"]
+    model[0].requires_grad_(False)
+    model[1].requires_grad_(False)
+    model[3].requires_grad_(True)
+    held = FineTuneModule(model, {"class_names": ["a", "b"]}, frozen_bn="eval")
+    assert frozen_prefix(held, crop_size=8) == ["0", "1"]  # not the dropout
+    updating = FineTuneModule(model, {"class_names": ["a", "b"]}, frozen_bn="train")
+    assert frozen_prefix(updating, crop_size=8) == ["0"]
+
+
+def test_folded_network_for_the_autocast_feature_pass():
+    from inat_finetune.models import get_model
+
+    torch.manual_seed(0)
+    model = get_model("mobilenet_v2", num_classes=3, weights="none").model
+    for m in model.modules():  # non-trivial statistics, as pretrained weights have
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    folded = features._folded(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert folded.get_submodule("classifier.0") is not None  # the capture point is still there
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(images), model(images), rtol=1e-4, atol=1e-5)
+
+    class DataDependent(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    untraceable = DataDependent()
+    assert features._folded(untraceable) is untraceable

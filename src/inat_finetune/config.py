@@ -92,6 +92,11 @@ class TrainConfig(BaseModel):
     compile: bool = Field(
         False, description="torch.compile the network (slow start; long GPU runs)"
     )
+    fast_depthwise_grad: bool = Field(
+        True,
+        description="on the CPU, take depthwise convolutions' input gradient by the faster "
+        "route of depthwise_grad.py (same values up to rounding)",
+    )
     wandb: bool = False
     wandb_project: str = "inat-finetune"
     wandb_group: str | None = Field(None, description="W&B group (compare sets one per comparison)")

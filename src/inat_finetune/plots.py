@@ -119,10 +119,13 @@ def choose_class(classes: list[str], class_name: str | None, seed: int) -> str:
 def _save(fig: Figure, out: str | Path) -> Path:
     # Rendered by Agg and saved as RGB through PIL: no alpha channel (a quarter fewer bytes for
     # photo grids) and no matplotlib URL in the PNG metadata (the report has no external links).
+    # zlib level 3 instead of 6: a photo grid encodes in 0.14 s instead of 0.37 s, 7% larger.
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
     image = Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3])
-    return atomic_write(out, lambda handle: image.save(handle, format="PNG", dpi=(DPI, DPI)))
+    return atomic_write(
+        out, lambda handle: image.save(handle, format="PNG", dpi=(DPI, DPI), compress_level=3)
+    )
 
 
 def _thumbnail(path: Path) -> np.ndarray | None:

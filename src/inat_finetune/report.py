@@ -304,6 +304,7 @@ def _timings_section(results: dict[str, Any] | None) -> str:
             "image cache": speed_paths.get("image_cache"),
             "feature cache": speed_paths.get("feature_cache"),
             "DataLoader workers": speed_paths.get("workers"),
+            "depthwise gradient": speed_paths.get("depthwise_grad"),
             "images train/val/test": "/".join(
                 str(v) for v in (results.get("num_images") or {}).values()
             )

@@ -43,6 +43,7 @@ from inat_finetune.checkpointing import (
 )
 from inat_finetune.config import TrainConfig
 from inat_finetune.data import DataSplit, FineTuneDataModule, default_num_workers, make_split
+from inat_finetune.depthwise_grad import use_fast_depthwise_grad
 from inat_finetune.distributed import (
     broadcast_from_zero,
     check_shardable,
@@ -54,7 +55,7 @@ from inat_finetune.distributed import (
     scaled_lr,
     shared_directory,
 )
-from inat_finetune.features import cached_features, run_tail
+from inat_finetune.features import cached_features, run_bypassing, run_tail
 from inat_finetune.freezing import FreezeSummary, hold_frozen_batchnorm
 from inat_finetune.models import get_model
 from inat_finetune.optim import (
@@ -134,6 +135,8 @@ class FineTuneModule(L.LightningModule):
         # Set by train() when batches hold stored backbone features instead of images
         # (features.py): the dotted names of the modules that map features to logits.
         self.feature_tail: list[str] = []
+        # ... or the stored outputs of the frozen prefix, these leading blocks (features.py).
+        self.feature_prefix: list[str] = []
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         # Stages, schedules, EMA, mixing, smoothing, TTA (optim.py); the defaults are the seed's.
@@ -190,6 +193,8 @@ class FineTuneModule(L.LightningModule):
             return run_tail(self.model, self.feature_tail, images)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        if self.feature_prefix:
+            return run_bypassing(self.model, self.feature_prefix, images)
         if self.ema is not None and not self.training:
             return self.ema.module(images)  # EMA on: the averaged weights are the model
         return self.model(images)
@@ -520,6 +525,7 @@ def train(
         )
     if cached.datamodule is not None:
         datamodule, module.feature_tail = cached.datamodule, cached.tail
+        module.feature_prefix = cached.prefix
         image_cache = "not needed (features cached)" if config.image_cache else "off"
     else:
         with rank_zero_first():
@@ -529,11 +535,17 @@ def train(
         datamodule = image_datamodule(image_store)
         if config.compile:
             module.model.compile()  # in place: the state dict keeps its names, checkpoints stay usable
+    compiled = config.compile and cached.datamodule is None
+    depthwise_grad = "native"
+    # Not under torch.compile, which traces the plain convolution and makes its own backward.
+    if accelerator == "cpu" and config.fast_depthwise_grad and not cached.tail and not compiled:
+        depthwise_grad = f"fast ({use_fast_depthwise_grad(module.model)} layers)"
     speed_paths = {
         "image_cache": image_cache,
         "feature_cache": cached.summary,
-        "compile": config.compile and cached.datamodule is None,
+        "compile": compiled,
         "workers": datamodule.num_workers,
+        "depthwise_grad": depthwise_grad,
     }
     if zero and (world.processes > 1 or config.scale_lr != "none"):
         log.info(
@@ -551,7 +563,7 @@ def train(
         )
     log.info(
         "%s | %s | accelerator=%s precision=%s channels_last=%s workers=%d "
-        "image_cache=%s feature_cache=%s compile=%s | run: %s",
+        "image_cache=%s feature_cache=%s compile=%s depthwise_grad=%s | run: %s",
         summary.describe(),
         f"{sum(map(len, split.train.values()))}/{sum(map(len, split.val.values()))}/"
         f"{sum(map(len, split.test.values()))} train/val/test images",
@@ -562,6 +574,7 @@ def train(
         image_cache,
         cached.summary,
         speed_paths["compile"],
+        depthwise_grad,
         run_dir,
     )
     checkpoint = BestAndLastCheckpoint(
