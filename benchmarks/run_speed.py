@@ -7,10 +7,11 @@ Runs, in this one process, on one split of the same images:
 
 * the naive loop (``naive_loop.py``) for the three strategies of the original write-up;
 * the limit, right before the project's side: one bf16 (where supported) channels-last
-  inference pass over every image, decoded from the original files by a 2-worker DataLoader;
-  anything that looks at every image once costs at least this much;
+  inference pass over every image, decoded from the original files by a 2-worker DataLoader,
+  of the network as it is (the project's own feature pass folds BatchNorm into the
+  convolutions and can beat it);
 * the project's ``compare`` for the same strategies, with empty caches in a fresh folder, so
-  the first strategy pays for preparing the images and computing the features;
+  each strategy pays for preparing the images or computing the features it uses;
 * ``freeze_last`` alone without figures and report (the linear probe itself), once with empty
   caches and once with the comparison's filled caches, as a later run would.
 

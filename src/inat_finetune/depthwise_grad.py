@@ -2,7 +2,7 @@
 
 PyTorch's CPU kernel for the input gradient of a depthwise convolution (a transposed depthwise
 convolution in oneDNN) is slow: for MobileNetV2's stride-2 depthwise layers in bf16
-channels-last it takes 20-200x the forward pass (``benchmarks/cpu_probes.py depthwise``), and
+channels-last it takes 25-130x the forward pass (``benchmarks/cpu_probes.py depthwise``), and
 those four layers alone are about 40% of a ``freeze_except_bn_and_fc`` training step. The same
 gradient is a stride-1 depthwise convolution, with the kernel flipped, of the output gradient
 spread back onto the input grid (zeros between its values), which the forward kernel computes

@@ -106,8 +106,9 @@ def feature_tail(model: nn.Module, head: str) -> list[str]:
     return [f"{parent_name}.{name}" for name in children[start : children.index(child) + 1]]
 
 
-def _in_tail(name: str, tail: list[str]) -> bool:
-    return any(name == t or name.startswith(t + ".") for t in tail)
+def _inside(name: str, modules: list[str]) -> bool:
+    """Whether ``name`` is one of ``modules`` or inside one of them."""
+    return any(name == m or name.startswith(m + ".") for m in modules)
 
 
 def run_tail(model: nn.Module, tail: list[str], features: torch.Tensor) -> torch.Tensor:
@@ -131,6 +132,9 @@ def blocks(model: nn.Module) -> list[str]:
     return names
 
 
+_IDENTITY = nn.Identity()
+
+
 @contextlib.contextmanager
 def bypassed(model: nn.Module, names: list[str]) -> Iterator[None]:
     """Replace the modules ``names`` by identities for the duration of the block."""
@@ -145,9 +149,6 @@ def bypassed(model: nn.Module, names: list[str]) -> Iterator[None]:
     finally:
         for parent, child, original in reversed(originals):
             parent._modules[child] = original
-
-
-_IDENTITY = nn.Identity()
 
 
 def run_bypassing(model: nn.Module, prefix: list[str], features: torch.Tensor) -> torch.Tensor:
@@ -193,10 +194,10 @@ def why_not_cacheable(
     if reason is not None:
         return reason
     model = module.model
-    training = [n for n, p in model.named_parameters() if p.requires_grad and not _in_tail(n, tail)]
+    training = [n for n, p in model.named_parameters() if p.requires_grad and not _inside(n, tail)]
     if training:
         return f"strategy {config.strategy} trains {len(training)} backbone tensors"
-    outside_tail = [(n, m) for n, m in model.named_modules() if n and not _in_tail(n, tail)]
+    outside_tail = [(n, m) for n, m in model.named_modules() if n and not _inside(n, tail)]
     return _changes_in_training(module, outside_tail)
 
 
@@ -268,7 +269,7 @@ def frozen_prefix(module: nn.Module, crop_size: int) -> list[str]:
         sub = model.get_submodule(name)
         if any(p.requires_grad for p in sub.parameters()):
             break
-        inside = [(n, m) for n, m in model.named_modules() if _in_tail(n, [name])]
+        inside = [(n, m) for n, m in model.named_modules() if _inside(n, [name])]
         if _changes_in_training(module, inside):
             break
         leading.append(name)
@@ -323,7 +324,8 @@ def backbone_fingerprint(model: nn.Module, tail: list[str], prefix: list[str] | 
     The same weights give the same features."""
     digest = hashlib.blake2b(digest_size=16)
     for name, tensor in model.state_dict().items():
-        if (not _in_tail(name, prefix)) if prefix else _in_tail(name, tail):
+        depends = _inside(name, prefix) if prefix else not _inside(name, tail)
+        if not depends:
             continue
         flat = tensor.detach().cpu().reshape(-1).contiguous()  # logical order, any memory format
         digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)};".encode())
@@ -391,7 +393,10 @@ def _extract(
         if channels_last:
             network.to(memory_format=torch.channels_last)
         try:
-            with capturing(network.get_submodule(tail[0])) if not prefix else _nothing() as seen:
+            capture = (
+                contextlib.nullcontext([]) if prefix else capturing(network.get_submodule(tail[0]))
+            )
+            with capture as seen:
                 for images, _ in batches:
                     images = images.to(device, non_blocking=True)
                     if channels_last:
@@ -403,11 +408,6 @@ def _extract(
                         yield next(paths_iter), row
         finally:
             model.to(home)
-
-
-@contextlib.contextmanager
-def _nothing() -> Iterator[list[torch.Tensor]]:
-    yield []
 
 
 def _folded(network: nn.Module) -> nn.Module:

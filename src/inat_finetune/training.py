@@ -539,7 +539,8 @@ def train(
     depthwise_grad = "native"
     # Not under torch.compile, which traces the plain convolution and makes its own backward.
     if accelerator == "cpu" and config.fast_depthwise_grad and not cached.tail and not compiled:
-        depthwise_grad = f"fast ({use_fast_depthwise_grad(module.model)} layers)"
+        switched = use_fast_depthwise_grad(module.model)
+        depthwise_grad = f"fast ({switched} layers)" if switched else "native (no depthwise layers)"
     speed_paths = {
         "image_cache": image_cache,
         "feature_cache": cached.summary,
