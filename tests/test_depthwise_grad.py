@@ -100,3 +100,35 @@ def test_only_plain_depthwise_convolutions_are_switched():
         pass
 
     assert not eligible(Subclass(4, 4, 3, groups=4))
+
+
+@pytest.mark.parametrize("strategy", ["freeze_k_percent", "freeze_except_bn_and_fc"])
+def test_bf16_gradients_are_as_close_to_fp32_as_pytorchs(strategy):
+    """Under bf16 autocast no path is exact; the fast one must not be further from fp32."""
+    import copy
+
+    from inat_finetune.freezing import apply_strategy
+
+    torch.manual_seed(0)
+    built = get_model("mobilenet_v2", num_classes=2, weights="none")
+    apply_strategy(built.model, built.head, strategy)
+    model = built.model.train().to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 96, 96).contiguous(memory_format=torch.channels_last)
+    y = torch.tensor([0, 1, 0, 1])
+
+    def gradients(net: nn.Module, bf16: bool) -> torch.Tensor:
+        net = copy.deepcopy(net)
+        torch.manual_seed(1)  # the same dropout mask every time
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            nn.functional.cross_entropy(net(x), y).backward()
+        return torch.cat([p.grad.flatten() for p in net.parameters() if p.requires_grad])
+
+    fast_model = copy.deepcopy(model)
+    use_fast_depthwise_grad(fast_model)
+    reference = gradients(model, bf16=False)
+    torch.testing.assert_close(gradients(fast_model, bf16=False), reference, rtol=1e-4, atol=1e-5)
+    error = {
+        name: ((gradients(net, bf16=True) - reference).norm() / reference.norm()).item()
+        for name, net in (("native", model), ("fast", fast_model))
+    }
+    assert error["fast"] <= 1.1 * error["native"] + 1e-3, error
