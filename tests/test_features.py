@@ -29,17 +29,23 @@ TINY = dict(
 )
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """One uncached and one cached freeze_last run on the same data, cache in its own folder."""
-    root = tmp_path_factory.mktemp("features")
+def _plain_and_cached(root, settings):
+    """One uncached and one cached run on the same data, cache in its own folder."""
     make_class_folders(root / "data" / "train", {"cat": 8, "dog": 8, "fox": 8})
     make_class_folders(root / "data" / "val", {"cat": 3, "dog": 3, "fox": 3}, seed=9)
     common = dict(data=str(root / "data"), output=str(root / "runs"), cache_dir=str(root / "c"))
     plain = train(
-        load_config(None, feature_cache=False, **common, **TINY), progress=False, report=False
+        load_config(None, feature_cache=False, **common, **settings), progress=False, report=False
     )
-    cached = train(load_config(None, **common, **TINY), progress=False, report=False)
+    cached = train(load_config(None, **common, **settings), progress=False, report=False)
+    return common, plain, cached
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """freeze_last: the classifier trains on stored features."""
+    root = tmp_path_factory.mktemp("features")
+    common, plain, cached = _plain_and_cached(root, TINY)
     return root, common, plain, cached
 
 
@@ -199,15 +205,8 @@ def test_results_file_and_report_name_the_paths(runs):
 
 @pytest.fixture(scope="module")
 def prefix_runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prefix")
-    make_class_folders(root / "data" / "train", {"cat": 8, "dog": 8, "fox": 8})
-    make_class_folders(root / "data" / "val", {"cat": 3, "dog": 3, "fox": 3}, seed=9)
-    common = dict(data=str(root / "data"), output=str(root / "runs"), cache_dir=str(root / "c"))
     settings = {**TINY, "strategy": "freeze_k_percent"}
-    plain = train(
-        load_config(None, feature_cache=False, **common, **settings), progress=False, report=False
-    )
-    cached = train(load_config(None, **common, **settings), progress=False, report=False)
+    common, plain, cached = _plain_and_cached(tmp_path_factory.mktemp("prefix"), settings)
     return common, settings, plain, cached
 
 
