@@ -55,7 +55,10 @@ RECIPE = dict(
 # No augmentation and a frozen backbone: the head trains on stored features (features.py),
 # through another data module.
 FEATURES = dict(OPTIONS, augment=False)
-VARIANTS = {"recipe": RECIPE, "features": FEATURES}
+# The same with the later blocks training on the stored output of the frozen first ones, with
+# the faster depthwise backward.
+PREFIX = dict(FEATURES, strategy="freeze_k_percent")
+VARIANTS = {"recipe": RECIPE, "features": FEATURES, "prefix": PREFIX}
 STEPS_PER_EPOCH = 5
 # How long, and which caches were built or reused: these describe the process, not the run.
 TIMINGS = ("train_time_s", "test_time_s", "speed_paths")
@@ -171,13 +174,15 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(
     assert not list(run.rglob("*.tmp"))
 
 
+@pytest.mark.parametrize(
+    ("variant", "cache_summary"), [("features", "on ("), ("prefix", "on after")]
+)
 def test_sigterm_saves_the_current_step_and_resume_matches(
-    data, uninterrupted_variant, tmp_path, monkeypatch
+    variant, cache_summary, data, uninterrupted_variant, tmp_path, monkeypatch
 ):
     """A pre-empted machine gets SIGTERM: the run saves the step it is on and exits 143.
 
-    On the feature-cache path (the SIGKILL test covers the image path, with a recipe)."""
-    variant = "features"
+    On the feature-cache paths (the SIGKILL test covers the image path, with a recipe)."""
     step = training.FineTuneModule.training_step
 
     def signalled(self, batch, batch_idx):
@@ -198,7 +203,7 @@ def test_sigterm_saves_the_current_step_and_resume_matches(
     uninterrupted = uninterrupted_variant(variant)
     _same_run(run, uninterrupted)
     cache = json.loads((uninterrupted / "results.json").read_text())["speed_paths"]
-    assert cache["feature_cache"].startswith("on")
+    assert cache["feature_cache"].startswith(cache_summary)
 
 
 def test_extending_a_finished_run_equals_training_longer(data, uninterrupted, tmp_path):
