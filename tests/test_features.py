@@ -313,9 +313,11 @@ def test_folded_network_for_the_autocast_feature_pass():
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
     model.eval()
-    folded = features._folded(model)
+    folded = features._folded(model, keep="classifier.0")
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     assert folded.get_submodule("classifier.0") is not None  # the capture point is still there
+    # A capture point the trace goes through (a container, not a leaf): left unfolded.
+    assert features._folded(model, keep="features.1") is model
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(folded(images), model(images), rtol=1e-4, atol=1e-5)
@@ -326,3 +328,26 @@ def test_folded_network_for_the_autocast_feature_pass():
 
     untraceable = DataDependent()
     assert features._folded(untraceable) is untraceable
+
+
+@pytest.mark.parametrize(
+    ("strategy", "summary"),
+    [("freeze_last", "on (0 reused, 33 computed)"), ("freeze_k_percent", "on after features.4")],
+)
+def test_autocast_feature_pass_runs_the_folded_network(tmp_path, monkeypatch, strategy, summary):
+    folded = []
+    fold = features._folded
+    monkeypatch.setattr(features, "_folded", lambda *a, **k: folded.append(1) or fold(*a, **k))
+    make_class_folders(tmp_path / "data" / "train", {"cat": 8, "dog": 8, "fox": 8})
+    make_class_folders(tmp_path / "data" / "val", {"cat": 3, "dog": 3, "fox": 3}, seed=9)
+    settings = {**TINY, "strategy": strategy, "precision": "bf16-mixed", "epochs": 1}
+    common = dict(data=str(tmp_path / "data"), output=str(tmp_path / "runs"))
+    config = load_config(None, cache_dir=str(tmp_path / "c"), **common, **settings)
+    result = train(config, progress=False, report=False).results
+    assert result["speed_paths"]["feature_cache"].startswith(summary)
+    assert folded == [1]
+    # Same weights, same images: an uncached bf16 run ends near the cached one.
+    plain = train(
+        load_config(None, feature_cache=False, **common, **settings), progress=False, report=False
+    ).results
+    assert result["test_loss"] == pytest.approx(plain["test_loss"], rel=0.1)
