@@ -197,8 +197,8 @@ def why_not_cacheable(
     training = [n for n, p in model.named_parameters() if p.requires_grad and not _inside(n, tail)]
     if training:
         return f"strategy {config.strategy} trains {len(training)} backbone tensors"
-    outside_tail = [(n, m) for n, m in model.named_modules() if n and not _inside(n, tail)]
-    return _changes_in_training(module, outside_tail)
+    moving = _moving_in_training(module)
+    return next((why for name, why in moving.items() if not _inside(name, tail)), None)
 
 
 def why_not_for_this_run(config: Any, module: nn.Module, precision: str) -> str | None:
@@ -221,26 +221,36 @@ def why_not_for_this_run(config: Any, module: nn.Module, precision: str) -> str 
     return None
 
 
-def _changes_in_training(module: nn.Module, named: list[tuple[str, nn.Module]]) -> str | None:
-    """Which of these modules computes differently between epochs in training mode, if any."""
+def _moving_in_training(module: nn.Module) -> dict[str, str]:
+    """The modules that compute differently between epochs in training mode, and why."""
+    moving = {}
     with _modes_kept(module):
         module.train()  # the modes training will use, frozen BatchNorm held as configured
-        for name, sub in named:
+        for name, sub in module.model.named_modules():
             if not sub.training:
                 continue
             if isinstance(sub, nn.modules.batchnorm._BatchNorm):
-                return f"BatchNorm {name} uses batch statistics in training (frozen_bn=train)"
-            if _is_random_in_training(sub):
-                return f"{name} ({type(sub).__name__}) is random in training mode"
-    return None
+                moving[name] = (
+                    f"BatchNorm {name} uses batch statistics in training (frozen_bn=train)"
+                )
+            elif _is_random_in_training(sub):
+                moving[name] = f"{name} ({type(sub).__name__}) is random in training mode"
+    return moving
+
+
+def _probe_images(module: nn.Module, crop_size: int) -> torch.Tensor:
+    """Two seeded random images on the model's device, in its memory format."""
+    images = torch.randn(2, 3, crop_size, crop_size, generator=torch.Generator().manual_seed(0))
+    images = images.to(next(module.model.parameters()).device)
+    if getattr(module, "channels_last", False):
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images
 
 
 def probe(module: nn.Module, tail: list[str], crop_size: int) -> str | None:
     """Check on a random batch that the captured features are deterministic and sufficient."""
     model = module.model
-    device = next(model.parameters()).device
-    images = torch.randn(2, 3, crop_size, crop_size, generator=torch.Generator().manual_seed(0))
-    images = images.to(device)
+    images = _probe_images(module, crop_size)
     with (
         _modes_kept(module),
         torch.random.fork_rng(devices=[]),  # the uncached run's random stream stays untouched
@@ -264,22 +274,17 @@ def probe(module: nn.Module, tail: list[str], crop_size: int) -> str | None:
 def frozen_prefix(module: nn.Module, crop_size: int) -> list[str]:
     """The leading blocks whose output can be stored (see above), or [] if there are none."""
     model = module.model
+    moving = _moving_in_training(module)
     leading: list[str] = []
     for name in blocks(model):
-        sub = model.get_submodule(name)
-        if any(p.requires_grad for p in sub.parameters()):
+        if any(p.requires_grad for p in model.get_submodule(name).parameters()):
             break
-        inside = [(n, m) for n, m in model.named_modules() if _inside(n, [name])]
-        if _changes_in_training(module, inside):
+        if any(_inside(n, [name]) for n in moving):
             break
         leading.append(name)
     if not leading:
         return []
-    device = next(model.parameters()).device
-    images = torch.randn(2, 3, crop_size, crop_size, generator=torch.Generator().manual_seed(0))
-    images = images.to(device)
-    if getattr(module, "channels_last", False):
-        images = images.contiguous(memory_format=torch.channels_last)
+    images = _probe_images(module, crop_size)
     seen: dict[str, list[torch.Tensor]] = {name: [] for name in leading}
     hooks = [
         model.get_submodule(name).register_forward_hook(

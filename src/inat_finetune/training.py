@@ -533,9 +533,9 @@ def train(
                 split, preprocessing, config.image_cache, config.cache_dir, progress and zero
             )
         datamodule = image_datamodule(image_store)
-        if config.compile:
-            module.model.compile()  # in place: the state dict keeps its names, checkpoints stay usable
     compiled = config.compile and cached.datamodule is None
+    if compiled:
+        module.model.compile()  # in place: the state dict keeps its names, checkpoints stay usable
     depthwise_grad = "native"
     # Not under torch.compile, which traces the plain convolution and makes its own backward.
     if accelerator == "cpu" and config.fast_depthwise_grad and not cached.tail and not compiled:
