@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -193,6 +194,21 @@ def test_prediction_grid_marks_mistakes_in_red(tmp_path: Path) -> None:
     assert red_pixels(wrong_png) > 2000
     # Every confident-mistake tile is a mistake, so it is framed in red too.
     assert red_pixels(plots.plot_confident_mistakes(one_wrong)) > 2000
+
+
+def test_photo_tiles_show_the_photos_and_survive_a_moved_dataset(tmp_path: Path) -> None:
+    run = make_run_dir(tmp_path, wrong=frozenset({2}), solid=True)
+    array = pixels(plots.plot_prediction_grid(run))
+    # Each photo is pasted whole: a 194 px square of its solid colour per tile (8 tiles).
+    solid = sum(int((array == colour).all(axis=-1).sum()) for colour in SOLID.values())
+    assert solid >= 8 * 190 * 190
+    shutil.rmtree(tmp_path / "run-data")
+    moved = plots.plot_prediction_grid(run, out=tmp_path / "moved.png")
+    assert_picture(moved, (1260, 550))
+    array = pixels(moved)
+    assert not any((array == colour).all(axis=-1).any() for colour in SOLID.values())
+    assert int((array == 0xDD).all(axis=-1).sum()) >= 8 * 180 * 180  # grey placeholders
+    assert red_pixels(moved) > 2000  # the mistake is still framed
 
 
 def test_prediction_grid_is_seeded(tmp_path: Path) -> None:

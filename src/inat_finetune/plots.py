@@ -14,14 +14,16 @@ import csv
 import logging
 import math
 import random
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
-from matplotlib.patches import Patch
+from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 from PIL import Image, ImageOps
 
@@ -37,8 +39,13 @@ THUMB_PX = 224  # thumbnails are cropped to this square before drawing: uniform 
 GRID_COLS = 6
 SAMPLE_COLS = 10
 HEADER_IN = 0.5  # room for a figure's overall title
+TITLE_PX = 34  # two lines of 9-point text above a tile's photo
+TILE_MARGIN_PX = 8  # white space around a tile's photo, room for its frame
+FRAME_PX = 6  # the red frame around a wrong prediction's photo
 WRONG = "#d00000"  # strongly red: wrong predictions (title and frame)
 RIGHT = "#1a7f37"  # dark green: correct predictions
+# Pixel blocks pasted over a rendered figure: (top row, left column, height x width x 3 uint8).
+Photos = Sequence[tuple[int, int, np.ndarray]]
 SPLIT_COLOURS = {"train": "#4c72b0", "val": "#dd8452", "test": "#55a868"}
 
 
@@ -116,39 +123,119 @@ def choose_class(classes: list[str], class_name: str | None, seed: int) -> str:
 # Drawing helpers
 
 
-def _save(fig: Figure, out: str | Path) -> Path:
+def _save(fig: Figure, out: str | Path, photos: Photos = ()) -> Path:
+    """Render ``fig``, paste ``photos`` (top, left, pixels) over it, write it as a PNG."""
     # Rendered by Agg and saved as RGB through PIL: no alpha channel (a quarter fewer bytes for
     # photo grids) and no matplotlib URL in the PNG metadata (the report has no external links).
     # zlib level 3 instead of 6: a photo grid encodes in 0.14 s instead of 0.37 s, 7% larger.
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
-    image = Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3])
+    rgb = np.array(np.asarray(canvas.buffer_rgba())[..., :3])
+    for top, left, pixels in photos:
+        rgb[top : top + pixels.shape[0], left : left + pixels.shape[1]] = pixels
+    image = Image.fromarray(rgb)
     return atomic_write(
         out, lambda handle: image.save(handle, format="PNG", dpi=(DPI, DPI), compress_level=3)
     )
 
 
-def _thumbnail(path: Path) -> np.ndarray | None:
-    """A centre-cropped square thumbnail, or None when the file is gone or undecodable."""
+def _thumbnail(path: Path, side: int) -> np.ndarray | None:
+    """A centre-cropped ``side`` x ``side`` thumbnail, or None when the file is gone or undecodable."""
     try:
-        image = load_image(path, draft_size=THUMB_PX)
+        image = load_image(path, draft_size=max(side, THUMB_PX))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None
-    return np.asarray(ImageOps.fit(image, (THUMB_PX, THUMB_PX), Image.Resampling.BILINEAR))
+    return np.asarray(ImageOps.fit(image, (side, side), Image.Resampling.BILINEAR))
 
 
-def _draw_tile(ax: Any, path: Path) -> None:
-    pixels = _thumbnail(path)
-    if pixels is None:
-        # The dataset may have moved since training; say so in the tile rather than fail.
-        ax.set_facecolor("#dddddd")
-        ax.text(0.5, 0.5, "image not found", ha="center", va="center", fontsize=8)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-    else:
-        ax.imshow(pixels)
-    ax.set_xticks([])
-    ax.set_yticks([])
+@dataclass
+class Tile:
+    """One photo of a tile figure, with the text above it; ``framed`` draws a red frame."""
+
+    path: Path
+    title: str = ""
+    colour: str = "black"
+    bold: bool = False
+    framed: bool = False
+
+
+def _tile_figure(
+    tiles: list[Tile], cols: int, tile_w: float, tile_h: float
+) -> tuple[Figure, Photos]:
+    """Tiles in a grid under a header strip: a figure holding the text, and the photos (with
+    their frames) for ``_save`` to paste at fixed pixel positions.
+
+    One axes per photo, placed by a layout engine, took 0.7 s for 30 photos; this 0.3 s, most
+    of it the PNG encoding."""
+    cols = max(1, min(cols, len(tiles)))
+    rows = max(1, math.ceil(len(tiles) / cols))
+    fig = Figure(figsize=(cols * tile_w, rows * tile_h + HEADER_IN), dpi=DPI)
+    width, height = round(cols * tile_w * DPI), round((rows * tile_h + HEADER_IN) * DPI)
+    photos: list[tuple[int, int, np.ndarray]] = []
+    title_px = TITLE_PX if any(tile.title for tile in tiles) else 0
+    tile_px, row_px = tile_w * DPI, tile_h * DPI
+    side = int(min(tile_px, row_px - title_px)) - 2 * TILE_MARGIN_PX
+    frame = (np.array(to_rgb(WRONG)) * 255).round().astype(np.uint8)
+    for index, tile in enumerate(tiles):
+        row, col = divmod(index, cols)
+        left = round(col * tile_px + (tile_px - side) / 2)
+        top = round(HEADER_IN * DPI + row * row_px + title_px + (row_px - title_px - side) / 2)
+        photo = _thumbnail(tile.path, side)
+        if tile.framed:
+            f = FRAME_PX
+            across, down = (
+                np.broadcast_to(frame, shape) for shape in ((f, side + 2 * f, 3), (side, f, 3))
+            )
+            photos += [(top - f, left - f, across), (top + side, left - f, across)]
+            photos += [(top, left - f, down), (top, left + side, down)]
+        if photo is None:
+            # The dataset may have moved since training; say so in the tile rather than fail.
+            # Drawn, not pasted, so that the text stays on top.
+            fig.add_artist(
+                Rectangle(
+                    (left / width, 1 - (top + side) / height),
+                    side / width,
+                    side / height,
+                    transform=fig.transFigure,
+                    facecolor="#dddddd",
+                    edgecolor="none",
+                    zorder=0,
+                )
+            )
+            fig.text(
+                (left + side / 2) / width,
+                1 - (top + side / 2) / height,
+                "image not found",
+                ha="center",
+                va="center",
+                fontsize=8,
+            )
+        else:
+            photos.append((top, left, photo))
+        if tile.title:
+            fig.text(
+                (left + side / 2) / width,
+                1 - (top - FRAME_PX - 2) / height,
+                tile.title,
+                ha="center",
+                va="bottom",
+                fontsize=9,
+                color=tile.colour,
+                fontweight="bold" if tile.bold else "normal",
+            )
+    return fig, photos
+
+
+def _header(fig: Figure, title: str, fontsize: int) -> None:
+    fig.text(
+        0.5,
+        1 - HEADER_IN / 2 / fig.get_figheight(),
+        title,
+        ha="center",
+        va="center",
+        fontsize=fontsize,
+        fontweight="bold",
+    )
 
 
 def _literal(text: str) -> str:
@@ -158,18 +245,6 @@ def _literal(text: str) -> str:
 
 def _short(text: str, limit: int = 18) -> str:
     return _literal(text if len(text) <= limit else text[: limit - 1] + "…")
-
-
-def _tile_grid(
-    count: int, cols: int, tile_w: float, tile_h: float
-) -> tuple[Figure, list[Any], int, int]:
-    cols = max(1, min(cols, count))
-    rows = max(1, math.ceil(count / cols))
-    fig = Figure(figsize=(cols * tile_w, rows * tile_h + HEADER_IN), dpi=DPI, layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False).ravel().tolist()
-    for ax in axes[count:]:
-        ax.set_axis_off()
-    return fig, axes, rows, cols
 
 
 def percent(value: Any, digits: int = 1) -> str:
@@ -209,15 +284,14 @@ def plot_class_samples(
     if not files:
         raise UserError(f"--class {name}: no {split} images of this class; try another --split")
     chosen = random.Random(seed).sample(files, min(n, len(files)))
-    fig, axes, _, _ = _tile_grid(len(chosen), SAMPLE_COLS, 1.8, 1.8)
-    for ax, rel in zip(axes, chosen, strict=False):
-        _draw_tile(ax, Path(data.root) / rel)
-    fig.suptitle(
+    tiles = [Tile(Path(data.root) / rel) for rel in chosen]
+    fig, photos = _tile_figure(tiles, SAMPLE_COLS, 1.8, 1.8)
+    _header(
+        fig,
         f"{_literal(name)}: {len(chosen)} random {split} images (of {len(files)}, seed {seed})",
-        fontsize=16,
-        fontweight="bold",
+        16,
     )
-    return _save(fig, out)
+    return _save(fig, out, photos)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,27 +453,26 @@ def _prediction_tiles(
         return _save(fig, out)
     split = DataSplit.load(_require(run_dir / "split.json", "split.json"))
     root = Path(split.root)
-    fig, axes, _, _ = _tile_grid(len(rows), GRID_COLS, 2.1, 2.5)
-    for ax, row in zip(axes, rows, strict=False):
-        _draw_tile(ax, root / row["path"])
+    tiles = []
+    for row in rows:
         wrong = row["true"] != row["predicted"]
         p_true = row.get(f"p_{row['true']}")
         # On a mistake, how much probability the truth got says how near the model came.
         truth = f"true: {_short(row['true'])}"
         if wrong and p_true:
             truth += f" ({float(p_true):.2f})"
-        ax.set_title(
-            f"pred: {_short(row['predicted'])} ({float(row['confidence']):.2f})\n{truth}",
-            fontsize=9,
-            color=WRONG if wrong else RIGHT,
-            fontweight="bold" if wrong else "normal",
+        tiles.append(
+            Tile(
+                root / row["path"],
+                f"pred: {_short(row['predicted'])} ({float(row['confidence']):.2f})\n{truth}",
+                colour=WRONG if wrong else RIGHT,
+                bold=wrong,
+                framed=wrong,
+            )
         )
-        for spine in ax.spines.values():
-            spine.set_visible(wrong)
-            spine.set_color(WRONG)
-            spine.set_linewidth(5)
-    fig.suptitle(title, fontsize=13, fontweight="bold")
-    return _save(fig, out)
+    fig, photos = _tile_figure(tiles, GRID_COLS, 2.1, 2.5)
+    _header(fig, title, 13)
+    return _save(fig, out, photos)
 
 
 def plot_prediction_grid(
