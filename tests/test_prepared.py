@@ -66,6 +66,38 @@ def test_store_recomputes_changed_files_and_compacts(tmp_path):
         assert np.array_equal(store.arrays([path])[path], np.asarray(Image.open(path)))
 
 
+def test_store_keeps_what_was_computed_before_an_error(tmp_path):
+    files = _files(tmp_path, 3)
+
+    def fails_on_the_last(todo):
+        for path in todo[:-1]:
+            yield path, np.asarray(Image.open(path))
+        raise KeyboardInterrupt
+
+    store = ArrayStore(tmp_path / "store", "uint8", {"kind": "test"})
+    with pytest.raises(KeyboardInterrupt):
+        store.update(files, fails_on_the_last)
+    again = ArrayStore(tmp_path / "store", "uint8", {"kind": "test"})  # the next run
+    assert again.stale(files) == files[-1:]
+    assert np.array_equal(again.arrays(files[:1])[files[0]], np.asarray(Image.open(files[0])))
+
+
+def test_stores_filled_together_take_only_their_stale_paths(tmp_path):
+    files = _files(tmp_path, 3)
+    first = ArrayStore(tmp_path / "a", "float32", {"kind": "a"})
+    second = ArrayStore(tmp_path / "b", "float32", {"kind": "b"})
+    second.update(files[:2], lambda todo: ((p, np.zeros(2)) for p in todo))
+    with first.filling(files) as (todo_a, put_a), second.filling(files) as (todo_b, put_b):
+        assert todo_a == files and todo_b == files[2:]
+        for path in todo_a:
+            put_a(path, np.full(2, 1.0))
+            if path in todo_b:
+                put_b(path, np.full(2, 2.0))
+    assert not first.stale(files) and not second.stale(files)
+    assert second.arrays(files)[files[2]].tolist() == [2.0, 2.0]
+    assert second.arrays(files)[files[0]].tolist() == [0.0, 0.0]
+
+
 def test_cache_folder_order_of_precedence(monkeypatch, tmp_path):
     monkeypatch.setenv("INAT_FINETUNE_CACHE", str(tmp_path / "env"))
     assert cache_root("given") == cache_root("given").expanduser()

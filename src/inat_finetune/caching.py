@@ -167,32 +167,57 @@ class ArrayStore:
 
         ``compute(todo)`` yields ``(path, array)`` for each path of ``todo``, in any order.
         """
-        paths = list(paths)
+        with self.filling(paths) as (todo, put):
+            for path, array in compute(todo) if todo else ():
+                put(path, array)
+            return len(todo)
+
+    @contextlib.contextmanager
+    def filling(
+        self, paths: Iterable[str | Path]
+    ) -> Iterator[tuple[list[Path], Callable[[str | Path, np.ndarray], None]]]:
+        """Lock the store, then yield its stale ``paths`` and a function that stores the array
+        of one of them; the index is saved every ``SAVE_EVERY`` arrays and at the end.
+
+        ``update`` for one store; one pass that fills several stores holds them all open."""
         with _locked(self.directory):
             self._load_index()  # another process may have stored some of them meanwhile
             todo = self.stale(paths)
             if not todo:
-                return 0
+                yield todo, self._put_nothing
+                return
             # Fingerprints taken before computing: a file changed meanwhile is caught next time.
             fingerprints = {str(p): source_fingerprint(p) for p in todo}
             if not self.data_path.exists():
                 self.entries = {}  # the index names a data file that is gone
             with open(self.data_path, "ab") as handle:
                 offset = handle.seek(0, os.SEEK_END)
-                for count, (path, array) in enumerate(compute(todo), start=1):
+                count = 0
+
+                def put(path: str | Path, array: np.ndarray) -> None:
+                    nonlocal offset, count
                     array = np.ascontiguousarray(array, dtype=self.dtype)
                     handle.write(array.tobytes())
                     self.entries[str(path)] = [*fingerprints[str(path)], offset, *array.shape]
                     offset += array.nbytes
+                    count += 1
                     if count % SAVE_EVERY == 0:
                         handle.flush()
                         os.fsync(handle.fileno())
                         self._save_index()
-                handle.flush()
-                os.fsync(handle.fileno())
-            self._save_index()
+
+                try:
+                    yield todo, put
+                finally:
+                    # Also on an error or an interrupt: what was computed is kept.
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                    self._save_index()
             self._compact_if_mostly_dead()
-            return len(todo)
+
+    @staticmethod
+    def _put_nothing(path: str | Path, array: np.ndarray) -> None:
+        raise KeyError(f"{path}: not stale, nothing to store")
 
     def _live_bytes(self) -> int:
         return sum(int(np.prod(e[4:])) * self.dtype.itemsize for e in self.entries.values())

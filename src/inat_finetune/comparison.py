@@ -145,7 +145,15 @@ def compare(
             }
         )
         started = time.perf_counter()
-        result = train(run_config, split=split, progress=progress, report=report)
+        result = train(
+            run_config,
+            split=split,
+            progress=progress,
+            report=report,
+            # The linear probe's one pass over the backbone also stores what the strategies
+            # after it reuse (the output of their frozen prefix).
+            share_features_with=strategies[len(rows) + 1 :],
+        )
         rows.append(
             _row(
                 strategy,

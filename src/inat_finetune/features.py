@@ -67,7 +67,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -349,7 +349,8 @@ def _device(accelerator: str) -> torch.device:
 def _extract(
     module: nn.Module,
     tail: list[str],
-    prefix: list[str],
+    cuts: list[list[str]],
+    features: bool,
     datasets: dict[str, Any],
     todo: list[Path],
     batch_size: int,
@@ -357,11 +358,12 @@ def _extract(
     device: torch.device,
     precision: str,
     progress: bool,
-) -> Iterator[tuple[Path, np.ndarray]]:
-    """Yield (path, features) for the images of ``todo``, computed in eval mode.
+) -> Iterator[tuple[Path, list[np.ndarray]]]:
+    """Yield (path, arrays) for the images of ``todo``, computed in eval mode in one pass.
 
-    The features are the input of ``tail[0]``, or with a ``prefix`` the output of its blocks,
-    which are then all that runs."""
+    The arrays are the output of each of ``cuts`` (leading runs of blocks, each one longer
+    than the one before), then, if ``features``, the input of ``tail[0]``; without
+    ``features`` the blocks of the last cut are all that runs."""
     wanted, parts, paths = {str(p) for p in todo}, [], []
     for dataset in datasets.values():
         indices = [i for i, (p, _) in enumerate(dataset.samples) if str(p) in wanted]
@@ -383,6 +385,12 @@ def _extract(
         batches = track(loader, total=len(loader), description="Caching backbone features")
     paths_iter = iter(paths)
     channels_last = getattr(module, "channels_last", False)
+
+    def prepared(network: nn.Module, keep: str | None = None) -> nn.Module:
+        # Under autocast only: in fp32 the features stay bit for bit what training computes.
+        network = _folded(network, keep) if dtype is not None else network
+        return network.to(memory_format=torch.channels_last) if channels_last else network
+
     with (
         _modes_kept(module),
         torch.random.fork_rng(devices=[]),  # loader seeds come from the global generator
@@ -391,26 +399,31 @@ def _extract(
     ):
         module.eval()
         model.to(device)
-        network = nn.Sequential(*(model.get_submodule(n) for n in prefix)) if prefix else model
-        if dtype is not None:
-            # Under autocast only: in fp32 the features stay bit for bit what training computes.
-            network = _folded(network, keep=None if prefix else tail[0])
-        if channels_last:
-            network.to(memory_format=torch.channels_last)
+        segments, start = [], 0
+        for cut in cuts:
+            segments.append(prepared(nn.Sequential(*map(model.get_submodule, cut[start:]))))
+            start = len(cut)
+        bypass = cuts[-1] if cuts else []
+        with bypassed(model, bypass):
+            # Folded here, the copy keeps the identities; unfolded, it is bypassed per batch.
+            rest = prepared(model, keep=tail[0]) if features else None
         try:
-            capture = (
-                contextlib.nullcontext([]) if prefix else capturing(network.get_submodule(tail[0]))
-            )
+            capture = capturing(rest.get_submodule(tail[0])) if rest else contextlib.nullcontext()
             with capture as seen:
                 for images, _ in batches:
-                    images = images.to(device, non_blocking=True)
+                    output = images.to(device, non_blocking=True)
                     if channels_last:
-                        images = images.contiguous(memory_format=torch.channels_last)
-                    features = network(images)
-                    if not prefix:
-                        features = seen.pop()
-                    for row in features.float().contiguous().cpu().numpy():
-                        yield next(paths_iter), row
+                        output = output.contiguous(memory_format=torch.channels_last)
+                    arrays = []
+                    for segment in segments:
+                        output = segment(output)
+                        arrays.append(output.float().contiguous().cpu().numpy())
+                    if rest is not None:
+                        with bypassed(model, bypass):
+                            rest(output)
+                        arrays.append(seen.pop().float().contiguous().cpu().numpy())
+                    for rows in zip(*arrays, strict=True):
+                        yield next(paths_iter), list(rows)
         finally:
             model.to(home)
 
@@ -500,6 +513,22 @@ def _features_of(
     return TensorDataset(torch.from_numpy(features).float(), labels)
 
 
+def prefix_for_strategy(
+    module: nn.Module, head: str, strategy: str, freeze_percent: float, crop_size: int
+) -> list[str]:
+    """The frozen prefix a run of ``strategy`` would store, found on this run's module: the
+    trainable flags are that strategy's for the probe only."""
+    from inat_finetune.freezing import apply_strategy
+
+    flags = [(p, p.requires_grad) for p in module.model.parameters()]
+    try:
+        apply_strategy(module.model, head, strategy, freeze_percent)
+        return frozen_prefix(module, crop_size)
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+
+
 def cached_features(
     config: Any,
     module: nn.Module,
@@ -508,6 +537,7 @@ def cached_features(
     accelerator: str,
     precision: str,
     progress: bool = False,
+    also_for: Sequence[str] = (),
 ) -> CachedFeatures:
     """Use stored features for this run if its backbone is frozen and deterministic.
 
@@ -515,6 +545,10 @@ def cached_features(
     the images of every split are run through the backbone once (those not stored yet). The
     classifier's input is stored where everything before it is frozen, else the output of the
     frozen prefix where there is one.
+
+    ``also_for`` names strategies that later runs on the same data and settings will train (a
+    comparison's): the pass that stores this run's classifier inputs then also stores the
+    outputs of their frozen prefixes on the way, so that their runs find them stored.
     """
     if not config.feature_cache:
         return CachedFeatures("off")
@@ -533,29 +567,50 @@ def cached_features(
     if repr(datasets["train"].transform) != transform:
         return CachedFeatures("off (the training transform is not the evaluation transform)")
     device = _device(accelerator)
-    meta = {
-        "kind": "features",
-        "version": FEATURE_VERSION,
-        "architecture": type(module.model).__qualname__,
-        "backbone": backbone_fingerprint(module.model, tail, prefix),
-        "capture": f"output of {prefix[-1]}" if prefix else tail[0],
-        "transform": transform,
-        "precision": precision,
-        "channels_last": bool(getattr(module, "channels_last", False)),
-        "device": device.type,
-        "torch": ".".join(torch.__version__.split(".")[:2]),
-    }
-    folder = cache_root(config.cache_dir) / "features" / f"{config.backbone}-{short_hash(meta)}"
+
+    def store_for(cut: list[str]) -> ArrayStore:
+        meta = {
+            "kind": "features",
+            "version": FEATURE_VERSION,
+            "architecture": type(module.model).__qualname__,
+            "backbone": backbone_fingerprint(module.model, tail, cut),
+            "capture": f"output of {cut[-1]}" if cut else tail[0],
+            "transform": transform,
+            "precision": precision,
+            "channels_last": bool(getattr(module, "channels_last", False)),
+            "device": device.type,
+            "torch": ".".join(torch.__version__.split(".")[:2]),
+        }
+        folder = cache_root(config.cache_dir) / "features" / f"{config.backbone}-{short_hash(meta)}"
+        return ArrayStore(folder, "float32", meta)
+
+    # Prefixes stored on the way: only by a pass over the whole backbone, whose blocks they are.
+    shared: dict[tuple[str, ...], list[str]] = {}
+    for strategy in also_for if not prefix else ():
+        cut = prefix_for_strategy(module, head, strategy, config.freeze_percent, crop_size)
+        if cut:
+            shared.setdefault(tuple(cut), []).append(strategy)
     samples = {name: list(ds.samples) for name, ds in datasets.items()}
     paths = [p for name in SPLITS for p, _ in samples[name]]
+    stored_for: list[str] = []
     try:
-        store = ArrayStore(folder, "float32", meta)
-        computed = store.update(
-            paths,
-            lambda todo: _extract(
+        store = store_for(prefix)
+        with contextlib.ExitStack() as stack:
+            todo, put = stack.enter_context(store.filling(paths))
+            # A shared prefix fills in what it lacks of the images this pass computes anyway.
+            cuts, fill = [], []
+            for cut in sorted(shared, key=len) if todo else ():
+                stale, put_cut = stack.enter_context(store_for(list(cut)).filling(todo))
+                if stale:
+                    cuts.append(list(cut))
+                    fill.append((set(map(str, stale)), put_cut))
+                    stored_for.append(f"the output of {cut[-1]} for {', '.join(shared[cut])}")
+            fill.append((None, put))
+            arguments = (
                 module,
                 tail,
-                prefix,
+                [prefix] if prefix else cuts,
+                not prefix,
                 datasets,
                 todo,
                 config.batch_size,
@@ -563,16 +618,21 @@ def cached_features(
                 device,
                 precision,
                 progress,
-            ),
-        )
+            )
+            for path, arrays in _extract(*arguments) if todo else ():
+                for (stale, put_array), array in zip(fill[-len(arrays) :], arrays, strict=True):
+                    if stale is None or str(path) in stale:
+                        put_array(path, array)
+        computed = len(todo)
     except OSError as exc:
         log.warning("Feature cache unusable (%s); running the backbone in every epoch", exc)
         return CachedFeatures(f"off ({type(exc).__name__})")
     shape = store.arrays(paths[:1])[paths[0]].shape
     feature_sets = {name: _features_of(store, samples[name], shape) for name in SPLITS}
     where = f" after {prefix[-1]}" if prefix else ""
+    also = "".join(f"; stored {what}" for what in stored_for)
     return CachedFeatures(
-        f"on{where} ({len(paths) - computed} reused, {computed} computed)",
+        f"on{where} ({len(paths) - computed} reused, {computed} computed{also})",
         FeatureDataModule(feature_sets, config.batch_size, config.seed),
         [] if prefix else tail,
         computed,

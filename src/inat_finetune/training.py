@@ -20,6 +20,7 @@ import logging
 import signal
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -415,6 +416,7 @@ def train(
     run_dir: Path | None = None,
     ckpt_path: Path | None = None,
     callbacks: list[Callback] | None = None,
+    share_features_with: Sequence[str] = (),
 ) -> RunResult:
     """Run one fine-tuning experiment end to end; see the module docstring for its outputs.
 
@@ -422,6 +424,8 @@ def train(
     With several processes (``--devices``/``--num-nodes``, torchrun, srun) every process calls
     this; rank 0 alone scans the data, creates the run directory and writes files (see
     ``distributed``). ``callbacks`` are extra Lightning callbacks (the sweep's pruning).
+    ``share_features_with`` names the strategies that later runs with this config will train
+    (``compare``): a feature pass over the whole backbone stores their frozen prefixes too.
     """
     from inat_finetune.errors import UserError
     from inat_finetune.preflight import check_machine, preflight
@@ -522,6 +526,7 @@ def train(
             accelerator,
             precision,
             progress and zero,
+            also_for=share_features_with,
         )
     if cached.datamodule is not None:
         datamodule, module.feature_tail = cached.datamodule, cached.tail
