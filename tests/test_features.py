@@ -12,6 +12,8 @@ from conftest import make_class_folders, write_image
 from torch import nn
 
 from inat_finetune import features
+from inat_finetune.caching import ArrayStore
+from inat_finetune.comparison import compare
 from inat_finetune.config import load_config
 from inat_finetune.evaluation import evaluate
 from inat_finetune.features import blocks, feature_tail, frozen_prefix, probe, why_not_cacheable
@@ -250,6 +252,73 @@ def test_prefix_outputs_are_reused_by_the_next_run(prefix_runs, monkeypatch):
     assert again.results["speed_paths"]["feature_cache"] == (
         "on after features.4 (33 reused, 0 computed)"
     )
+
+
+def test_comparison_stores_the_next_strategys_prefix_in_the_linear_probes_pass(
+    prefix_runs, tmp_path, monkeypatch
+):
+    common, settings, _, alone = prefix_runs
+    passes = []
+    extract = features._extract
+    monkeypatch.setattr(
+        features, "_extract", lambda *a, **k: passes.append(a[2]) or extract(*a, **k)
+    )
+    fresh = {**common, "cache_dir": str(tmp_path / "c"), "output": str(tmp_path / "runs")}
+    result = compare(
+        load_config(None, **fresh, **TINY),
+        ["freeze_last", "freeze_k_percent", "freeze_except_bn_and_fc"],
+        progress=False,
+        report=False,
+    )
+    # One pass over the backbone, capturing the prefix on the way (BatchNorm trains from the
+    # first block in freeze_except_bn_and_fc: it has no prefix to store).
+    assert len(passes) == 1 and passes[0][0][-1] == "features.4"
+    runs = {
+        row["strategy"]: result.comparison_dir / row["run_dir"] for row in result.comparison["rows"]
+    }
+    paths = {
+        s: json.loads((d / "results.json").read_text())["speed_paths"] for s, d in runs.items()
+    }
+    assert paths["freeze_last"]["feature_cache"] == (
+        "on (0 reused, 33 computed; stored the output of features.4 for freeze_k_percent)"
+    )
+    assert paths["freeze_k_percent"]["feature_cache"] == (
+        "on after features.4 (33 reused, 0 computed)"
+    )
+    # The same run as one that stored its own prefix (fp32: the same numbers).
+    shared = json.loads((runs["freeze_k_percent"] / "results.json").read_text())
+    for key in ("best_val_acc", "test_acc", "final_train_acc", "best_epoch"):
+        assert shared[key] == alone.results[key], key
+    assert shared["test_loss"] == pytest.approx(alone.results["test_loss"], abs=1e-6)
+
+
+def test_prefix_stored_on_the_way_leaves_the_features_unchanged_under_bf16(tmp_path):
+    make_class_folders(tmp_path / "data", {"cat": 5, "dog": 5})
+    stores = []
+    for name, share in (("alone", ()), ("shared", ("freeze_k_percent",))):
+        cache = tmp_path / name
+        config = load_config(
+            None,
+            data=str(tmp_path / "data"),
+            output=str(tmp_path / "runs"),
+            cache_dir=str(cache),
+            **{**TINY, "precision": "bf16-mixed", "epochs": 1},
+        )
+        train(config, progress=False, report=False, share_features_with=share)
+        found = {}
+        for index in cache.glob("features/*/index.json"):
+            meta = json.loads(index.read_text())["meta"]
+            found[meta["capture"]] = ArrayStore(index.parent, "float32", meta)
+        stores.append(found)
+    alone, shared = stores
+    assert sorted(alone) == ["classifier.0"]
+    assert sorted(shared) == ["classifier.0", "output of features.4"]
+    paths = list(alone["classifier.0"].entries)
+    assert len(paths) == 10 and sorted(shared["classifier.0"].entries) == sorted(paths)
+    # Folded in two pieces (prefix, then the rest) or in one: the same features.
+    a, b = alone["classifier.0"].arrays(paths), shared["classifier.0"].arrays(paths)
+    for path in paths:
+        assert torch.equal(torch.from_numpy(a[path]), torch.from_numpy(b[path])), path
 
 
 class Chain(nn.Module):
