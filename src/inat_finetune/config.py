@@ -97,6 +97,11 @@ class TrainConfig(BaseModel):
         description="on the CPU, take depthwise convolutions' input gradient by the faster "
         "route of depthwise_grad.py (same values up to rounding)",
     )
+    reuse_freed_memory: bool = Field(
+        True,
+        description="on the CPU, keep freed memory for reuse while a run lasts instead of "
+        "returning it to the system after every step (glibc; allocator.py)",
+    )
     wandb: bool = False
     wandb_project: str = "inat-finetune"
     wandb_group: str | None = Field(None, description="W&B group (compare sets one per comparison)")

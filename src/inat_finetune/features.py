@@ -53,6 +53,11 @@ gives the same output in every epoch instead, and that output is stored (``froze
 * Storing the prefix's output costs a pass over the prefix only; for MobileNetV2's
   ``freeze_k_percent`` the prefix is about 70% of the forward pass on a CPU
   (``benchmarks/cpu_probes.py prefix``), which every epoch then skips.
+* In a comparison (``compare``) the linear probe's pass goes through those blocks anyway: it
+  is told which strategies come after it (``also_for``), finds the prefix each of them will
+  cut (``prefix_for_strategy``: the same probe, with that strategy's trainable flags) and
+  stores those outputs on the way, so the next run finds them stored and no image is decoded
+  twice. The stores are the ones that run would have filled itself, under the same key.
 
 Same results: in fp32 with ``num_workers=0`` a cached run reproduces the uncached run's
 metrics to ~1e-5, for the classifier's input and for a prefix (``tests/test_features.py``).

@@ -305,6 +305,7 @@ def _timings_section(results: dict[str, Any] | None) -> str:
             "feature cache": speed_paths.get("feature_cache"),
             "DataLoader workers": speed_paths.get("workers"),
             "depthwise gradient": speed_paths.get("depthwise_grad"),
+            "memory allocator": speed_paths.get("allocator"),
             "images train/val/test": "/".join(
                 str(v) for v in (results.get("num_images") or {}).values()
             )

@@ -32,6 +32,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping
 from lightning.pytorch.loggers import Logger, WandbLogger
 from torch import nn
 
+from inat_finetune.allocator import freed_memory_kept
 from inat_finetune.augment import batch_mixer, build_recipe_train_transform, dominant_labels
 from inat_finetune.checkpointing import (
     AtomicCheckpointIO,
@@ -427,6 +428,33 @@ def train(
     ``share_features_with`` names the strategies that later runs with this config will train
     (``compare``): a feature pass over the whole backbone stores their frozen prefixes too.
     """
+    # On the CPU, freed memory is kept for reuse while the run lasts (allocator.py).
+    keep = config.reuse_freed_memory and resolve_accelerator(config.accelerator) == "cpu"
+    with freed_memory_kept(keep) as allocator:
+        return _train(
+            config,
+            split,
+            progress,
+            report,
+            run_dir,
+            ckpt_path,
+            callbacks,
+            share_features_with,
+            allocator,
+        )
+
+
+def _train(
+    config: TrainConfig,
+    split: DataSplit | None,
+    progress: bool,
+    report: bool,
+    run_dir: Path | None,
+    ckpt_path: Path | None,
+    callbacks: list[Callback] | None,
+    share_features_with: Sequence[str],
+    allocator: str,
+) -> RunResult:
     from inat_finetune.errors import UserError
     from inat_finetune.preflight import check_machine, preflight
 
@@ -552,6 +580,7 @@ def train(
         "compile": compiled,
         "workers": datamodule.num_workers,
         "depthwise_grad": depthwise_grad,
+        "allocator": allocator,
     }
     if zero and (world.processes > 1 or config.scale_lr != "none"):
         log.info(
@@ -569,7 +598,7 @@ def train(
         )
     log.info(
         "%s | %s | accelerator=%s precision=%s channels_last=%s workers=%d "
-        "image_cache=%s feature_cache=%s compile=%s depthwise_grad=%s | run: %s",
+        "image_cache=%s feature_cache=%s compile=%s depthwise_grad=%s allocator=%s | run: %s",
         summary.describe(),
         f"{sum(map(len, split.train.values()))}/{sum(map(len, split.val.values()))}/"
         f"{sum(map(len, split.test.values()))} train/val/test images",
@@ -581,6 +610,7 @@ def train(
         cached.summary,
         speed_paths["compile"],
         depthwise_grad,
+        allocator,
         run_dir,
     )
     checkpoint = BestAndLastCheckpoint(
