@@ -194,11 +194,13 @@ def test_results_file_and_report_name_the_paths(runs):
         "compile",
         "workers",
         "depthwise_grad",
+        "allocator",
     }
     # The linear probe trains no convolution, so the depthwise backward is not switched.
     assert results["speed_paths"]["depthwise_grad"] == "native"
     html = write_report(cached.run_dir).read_text()
     assert "<dt>feature cache</dt><dd>on (0 reused, 33 computed)</dd>" in html
+    assert f"<dt>memory allocator</dt><dd>{results['speed_paths']['allocator']}</dd>" in html
 
 
 # ---------------------------------------------------------------------------------------------
