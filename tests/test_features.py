@@ -287,6 +287,11 @@ def test_comparison_stores_the_next_strategys_prefix_in_the_linear_probes_pass(
     assert paths["freeze_k_percent"]["feature_cache"] == (
         "on after features.4 (33 reused, 0 computed)"
     )
+    # The photos are decoded once: prepared before that pass, which read them, and reused by
+    # the run that trains on images.
+    assert paths["freeze_last"]["image_cache"] == "on (0 reused, 33 prepared)"
+    assert paths["freeze_k_percent"]["image_cache"] == "not needed (features cached)"
+    assert paths["freeze_except_bn_and_fc"]["image_cache"] == "on (33 reused, 0 prepared)"
     # The same run as one that stored its own prefix (fp32: the same numbers).
     shared = json.loads((runs["freeze_k_percent"] / "results.json").read_text())
     for key in ("best_val_acc", "test_acc", "final_train_acc", "best_epoch"):
