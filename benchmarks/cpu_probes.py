@@ -4,6 +4,8 @@
     PYTHONPATH=src python benchmarks/cpu_probes.py workers    # DataLoader workers 2 vs 0, ~2 min
     PYTHONPATH=src python benchmarks/cpu_probes.py prefix     # frozen prefix's share, ~30 s
     PYTHONPATH=src python benchmarks/cpu_probes.py depthwise  # depthwise input gradient, ~30 s
+    PYTHONPATH=src python benchmarks/cpu_probes.py figures    # each run figure's time, ~1 min
+    PYTHONPATH=src python benchmarks/cpu_probes.py allocator  # freed memory reused or not, ~5 min
 
 ``steps``: MobileNetV2, batch 32, 224 px, one optimiser step at a time outside Lightning, for
 the two strategies that train inside the backbone, in bf16 channels-last with the faster
@@ -20,6 +22,13 @@ feature cache's frozen prefix) saves that strategy in every epoch.
 
 ``depthwise``: for each of MobileNetV2's depthwise layers with stride 2 (batch 32, bf16,
 channels-last), the forward pass and the input gradient by PyTorch and by ``depthwise_grad``.
+
+``figures``: one 1-epoch ``freeze_last`` run on hymenoptera, then each of its figures drawn
+three times; the fastest of each.
+
+``allocator``: the three-strategy comparison on hymenoptera (5 epochs, no augmentation, empty
+caches) four times, each in a fresh process, with ``reuse_freed_memory`` on, off, on, off: wall
+time, minor page faults and system CPU time of each.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from __future__ import annotations
 import inat_finetune  # noqa: F401 - first: sets OpenMP's wait policy before torch loads
 
 # isort: split
+import resource
 import sys
 import tempfile
 import time
@@ -187,7 +197,73 @@ def depthwise() -> None:
         size //= 2
 
 
+def figures() -> None:
+    from inat_finetune.plots import RUN_FIGURES
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = load_config(
+            None,
+            data=str(HYMENOPTERA),
+            backbone="mobilenet_v2",
+            epochs=1,
+            augment=False,
+            output=str(Path(tmp) / "runs"),
+            cache_dir=str(Path(tmp) / "cache"),
+        )
+        run_dir = train(config, progress=False, report=False).run_dir
+        total = 0.0
+        for name, (_, draw) in RUN_FIGURES.items():
+            best = min(_seconds(lambda draw=draw: draw(run_dir)) for _ in range(3))
+            total += best
+            print(f"{name}: {best:.3f} s", flush=True)
+        print(f"all six: {total:.2f} s")
+
+
+def allocator() -> None:
+    # Each in a fresh process: leaving the block sets glibc's thresholds for good (allocator.py),
+    # so a later comparison in the same process would not start from glibc's own defaults.
+    import subprocess
+
+    for reuse in ("on", "off", "on", "off"):
+        subprocess.run([sys.executable, __file__, "_allocator_run", reuse], check=True)
+
+
+def _allocator_run() -> None:
+    from inat_finetune.comparison import SEED_STRATEGIES, compare
+
+    reuse = sys.argv[2] == "on"
+    with tempfile.TemporaryDirectory() as tmp:
+        config = load_config(
+            None,
+            data=str(HYMENOPTERA),
+            backbone="mobilenet_v2",
+            epochs=5,
+            augment=False,
+            reuse_freed_memory=reuse,
+            output=str(Path(tmp) / "runs"),
+            cache_dir=str(Path(tmp) / "cache"),
+        )
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        started = time.perf_counter()
+        compare(config, SEED_STRATEGIES, progress=False)
+        seconds = time.perf_counter() - started
+        after = resource.getrusage(resource.RUSAGE_SELF)
+    print(
+        f"reuse_freed_memory={reuse}: {seconds:.1f} s, "
+        f"{after.ru_minflt - before.ru_minflt:,} minor page faults, "
+        f"{after.ru_stime - before.ru_stime:.1f} s system time",
+        flush=True,
+    )
+
+
 if __name__ == "__main__":
-    {"steps": steps, "workers": workers, "prefix": prefix, "depthwise": depthwise}[
-        sys.argv[1] if len(sys.argv) > 1 else "steps"
-    ]()
+    probes = {
+        "steps": steps,
+        "workers": workers,
+        "prefix": prefix,
+        "depthwise": depthwise,
+        "figures": figures,
+        "allocator": allocator,
+        "_allocator_run": _allocator_run,
+    }
+    probes[sys.argv[1] if len(sys.argv) > 1 else "steps"]()

@@ -4,13 +4,13 @@ PyTorch's CPU tensors come from ``malloc``. glibc serves large requests (above 1
 to at most 32 MiB as it adapts) with fresh ``mmap`` pages and unmaps them on ``free``, so every
 activation larger than that, allocated anew in every step, is zero-filled page by page by the
 kernel on first touch. MobileNetV2's 112-px activations for a batch of 32 are 77 MB in bf16:
-a three-strategy comparison on hymenoptera page-faults about 3 million times, 8 s of system
+a three-strategy comparison on hymenoptera page-faults 2.6-3.5 million times, 7-8 s of system
 time on 2 cores. With ``mmap`` off and the heap never trimmed during the run, freed blocks are
-reused instead: 0.5 million faults, 3 s, and the comparison about 10% faster
-(``benchmarks/RESULTS.md``). The price is that the process keeps its peak memory until the run
-ends; then the heap is trimmed (``malloc_trim``) and the settings go back to the values glibc
-itself adapts to once it has seen a 32 MiB block freed (what any PyTorch process reaches in its
-first steps), since glibc has no way to return to adapting after ``mallopt``.
+reused instead: 0.7 million faults, under 4 s, and the comparison about 5% faster
+(``benchmarks/cpu_probes.py allocator``). The price is that the process keeps its peak memory
+until the run ends; then the heap is trimmed (``malloc_trim``) and the settings go to the
+values glibc itself adapts to once it has seen a 32 MiB block freed, and stay there: glibc has
+no way back to adapting after ``mallopt``, so later work in the same process keeps them.
 
 CUDA runs are left alone (PyTorch caches GPU memory itself), and so are other C libraries.
 """
