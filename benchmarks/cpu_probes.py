@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from inat_finetune.config import load_config
+from inat_finetune.config import TrainConfig, load_config
 from inat_finetune.data import make_split
 from inat_finetune.depthwise_grad import _input_grad, eligible, use_fast_depthwise_grad
 from inat_finetune.freezing import apply_strategy
@@ -98,21 +98,29 @@ def steps() -> None:
             )
 
 
+def _hymenoptera(tmp: str, **settings: object) -> TrainConfig:
+    """A MobileNetV2 run on hymenoptera with its runs and caches under ``tmp``."""
+    return load_config(
+        None,
+        data=str(HYMENOPTERA),
+        backbone="mobilenet_v2",
+        output=f"{tmp}/runs",
+        cache_dir=f"{tmp}/cache",
+        **settings,
+    )
+
+
 def workers() -> None:
     split = make_split(HYMENOPTERA, 42)
     with tempfile.TemporaryDirectory() as tmp:
         for augment in (False, True):
             for count in (2, 0, 2, 0):
-                config = load_config(
-                    None,
-                    data=str(HYMENOPTERA),
-                    backbone="mobilenet_v2",
+                config = _hymenoptera(
+                    tmp,
                     strategy="freeze_except_bn_and_fc",
                     epochs=2,
                     augment=augment,
                     num_workers=count,
-                    output=f"{tmp}/runs",
-                    cache_dir=f"{tmp}/cache",
                 )
                 started = time.perf_counter()
                 result = train(config, split, progress=False, report=False).results
@@ -201,15 +209,7 @@ def figures() -> None:
     from inat_finetune.plots import RUN_FIGURES
 
     with tempfile.TemporaryDirectory() as tmp:
-        config = load_config(
-            None,
-            data=str(HYMENOPTERA),
-            backbone="mobilenet_v2",
-            epochs=1,
-            augment=False,
-            output=str(Path(tmp) / "runs"),
-            cache_dir=str(Path(tmp) / "cache"),
-        )
+        config = _hymenoptera(tmp, epochs=1, augment=False)
         run_dir = train(config, progress=False, report=False).run_dir
         total = 0.0
         for name, (_, draw) in RUN_FIGURES.items():
@@ -233,16 +233,7 @@ def _allocator_run() -> None:
 
     reuse = sys.argv[2] == "on"
     with tempfile.TemporaryDirectory() as tmp:
-        config = load_config(
-            None,
-            data=str(HYMENOPTERA),
-            backbone="mobilenet_v2",
-            epochs=5,
-            augment=False,
-            reuse_freed_memory=reuse,
-            output=str(Path(tmp) / "runs"),
-            cache_dir=str(Path(tmp) / "cache"),
-        )
+        config = _hymenoptera(tmp, epochs=5, augment=False, reuse_freed_memory=reuse)
         before = resource.getrusage(resource.RUSAGE_SELF)
         started = time.perf_counter()
         compare(config, SEED_STRATEGIES, progress=False)
