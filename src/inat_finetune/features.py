@@ -589,12 +589,6 @@ def cached_features(
         folder = cache_root(config.cache_dir) / "features" / f"{config.backbone}-{short_hash(meta)}"
         return ArrayStore(folder, "float32", meta)
 
-    # Prefixes stored on the way: only by a pass over the whole backbone, whose blocks they are.
-    shared: dict[tuple[str, ...], list[str]] = {}
-    for strategy in also_for if not prefix else ():
-        cut = prefix_for_strategy(module, head, strategy, config.freeze_percent, crop_size)
-        if cut:
-            shared.setdefault(tuple(cut), []).append(strategy)
     samples = {name: list(ds.samples) for name, ds in datasets.items()}
     paths = [p for name in SPLITS for p, _ in samples[name]]
     stored_for: list[str] = []
@@ -602,9 +596,15 @@ def cached_features(
         store = store_for(prefix)
         with contextlib.ExitStack() as stack:
             todo, put = stack.enter_context(store.filling(paths))
-            # A shared prefix fills in what it lacks of the images this pass computes anyway.
+            # Prefixes stored on the way: only by a pass over the whole backbone (whose blocks
+            # they are), each filling in what it lacks of the images this pass computes anyway.
+            shared: dict[tuple[str, ...], list[str]] = {}
+            for strategy in also_for if todo and not prefix else ():
+                cut = prefix_for_strategy(module, head, strategy, config.freeze_percent, crop_size)
+                if cut:
+                    shared.setdefault(tuple(cut), []).append(strategy)
             cuts, fill = [], []
-            for cut in sorted(shared, key=len) if todo else ():
+            for cut in sorted(shared, key=len):
                 stale, put_cut = stack.enter_context(store_for(list(cut)).filling(todo))
                 if stale:
                     cuts.append(list(cut))
