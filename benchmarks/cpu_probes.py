@@ -5,7 +5,7 @@
     PYTHONPATH=src python benchmarks/cpu_probes.py prefix     # frozen prefix's share, ~30 s
     PYTHONPATH=src python benchmarks/cpu_probes.py depthwise  # depthwise input gradient, ~30 s
     PYTHONPATH=src python benchmarks/cpu_probes.py figures    # each run figure's time, ~1 min
-    PYTHONPATH=src python benchmarks/cpu_probes.py allocator  # freed memory reused or not, ~5 min
+    PYTHONPATH=src python benchmarks/cpu_probes.py allocator  # freed memory reused or not, ~3 min
 
 ``steps``: MobileNetV2, batch 32, 224 px, one optimiser step at a time outside Lightning, for
 the two strategies that train inside the backbone, in bf16 channels-last with the faster
@@ -23,8 +23,8 @@ feature cache's frozen prefix) saves that strategy in every epoch.
 ``depthwise``: for each of MobileNetV2's depthwise layers with stride 2 (batch 32, bf16,
 channels-last), the forward pass and the input gradient by PyTorch and by ``depthwise_grad``.
 
-``figures``: one 1-epoch ``freeze_last`` run on hymenoptera, then each of its figures drawn
-three times; the fastest of each.
+``figures``: one 1-epoch ``freeze_last`` run on hymenoptera, then each of its figures timed
+three times (each time one warm-up draw, then the mean of three draws); the fastest of each.
 
 ``allocator``: the three-strategy comparison on hymenoptera (5 epochs, no augmentation, empty
 caches) four times, each in a fresh process, with ``reuse_freed_memory`` on, off, on, off: wall

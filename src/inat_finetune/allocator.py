@@ -53,7 +53,7 @@ def freed_memory_kept(enabled: bool = True) -> Iterator[str]:
         yield "default" if not enabled else "default (not glibc)"
         return
     settings = {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: NEVER_TRIM}
-    if not all(libc.mallopt(option, value) for option, value in settings.items()):
+    if not all([libc.mallopt(option, value) for option, value in settings.items()]):
         log.debug("glibc refused the allocator settings; running with its defaults")
     try:
         yield "freed memory reused (glibc)"

@@ -603,31 +603,35 @@ def cached_features(
                 cut = prefix_for_strategy(module, head, strategy, config.freeze_percent, crop_size)
                 if cut:
                     shared.setdefault(tuple(cut), []).append(strategy)
-            cuts, fill = [], []
+            # Each cut's output goes to its store, then the classifier inputs (if any) to this
+            # run's: one store per array _extract yields, in order.
+            cuts: list[list[str]] = [prefix] if prefix else []
+            fill: list[tuple[set[str], Any]] = []
             for cut in sorted(shared, key=len):
                 stale, put_cut = stack.enter_context(store_for(list(cut)).filling(todo))
                 if stale:
                     cuts.append(list(cut))
                     fill.append((set(map(str, stale)), put_cut))
                     stored_for.append(f"the output of {cut[-1]} for {', '.join(shared[cut])}")
-            fill.append((None, put))
-            arguments = (
-                module,
-                tail,
-                [prefix] if prefix else cuts,
-                not prefix,
-                datasets,
-                todo,
-                config.batch_size,
-                datamodule.num_workers,
-                device,
-                precision,
-                progress,
-            )
-            for path, arrays in _extract(*arguments) if todo else ():
-                for (stale, put_array), array in zip(fill[-len(arrays) :], arrays, strict=True):
-                    if stale is None or str(path) in stale:
-                        put_array(path, array)
+            fill.append((set(map(str, todo)), put))
+            if todo:
+                extracted = _extract(
+                    module,
+                    tail,
+                    cuts,
+                    not prefix,
+                    datasets,
+                    todo,
+                    config.batch_size,
+                    datamodule.num_workers,
+                    device,
+                    precision,
+                    progress,
+                )
+                for path, arrays in extracted:
+                    for (stale, put_array), array in zip(fill, arrays, strict=True):
+                        if str(path) in stale:
+                            put_array(path, array)
         computed = len(todo)
     except OSError as exc:
         log.warning("Feature cache unusable (%s); running the backbone in every epoch", exc)

@@ -567,9 +567,8 @@ def _train(
     if cached.datamodule is not None:
         datamodule, module.feature_tail = cached.datamodule, cached.tail
         module.feature_prefix = cached.prefix
-        if not config.image_cache:
-            image_cache = "off"
-        elif image_store is None or not cached.computed:
+        # Unless this run's feature pass read the images it prepared for the runs after it.
+        if config.image_cache and (image_store is None or not cached.computed):
             image_cache = "not needed (features cached)"
     else:
         if image_store is None:
