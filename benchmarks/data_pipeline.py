@@ -11,6 +11,15 @@ DataLoaders, batch 32, that yield normalised 224-px tensors:
 * direct: the project's loader without the cache (JPEG draft mode, then the same transforms);
 * prepared: the project's loader reading the prepared-image cache (built once, timed apart).
 
+The project's loaders are timed as a CPU run uses them: they hand over uint8 images and the
+datamodule normalises each batch on the device (``FineTuneDataModule.on_after_batch_transfer``),
+here this CPU, so that step runs in the main process inside the timed loop and every loader
+ends with the same normalised float32 batches; their workers keep freed memory
+(``allocator.keep_freed_memory``) and so does the main process, as inside ``train`` on a CPU
+(``allocator.freed_memory_kept``). ``--normalise-in-workers`` times the older hand-over (each
+worker normalises each image and hands over float32); ``--default-allocator`` leaves the main
+process with glibc's defaults, as ``reuse_freed_memory: false`` does.
+
 Each is timed with the evaluation transform (resize, centre crop) and with the training
 augmentation (random resized crop, flip, colour jitter, rotation). Every pass runs twice and
 the faster is kept, so the page cache is equally warm for all.
@@ -28,14 +37,17 @@ import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 from naive_loop import naive_transforms
 from PIL import Image, ImageDraw, ImageFilter
 from run_speed import load, machine
 from torch.utils.data import DataLoader
 from torchvision import datasets
 
+from inat_finetune.allocator import freed_memory_kept, keep_freed_memory
 from inat_finetune.data import FineTuneDataModule, make_split
 from inat_finetune.models import IMAGENET_PREPROCESSING
 from inat_finetune.prepared import prepared_images_for
@@ -68,11 +80,15 @@ def photo_like(path: Path, seed: int, size: tuple[int, int] = (1024, 768)) -> No
     Image.fromarray(pixels).save(path, quality=90)
 
 
-def images_per_second(loader: DataLoader, repeats: int = 2) -> float:
+def images_per_second(loader: DataLoader, on_device: Any = None, repeats: int = 2) -> float:
+    """Best of ``repeats`` full passes; ``on_device`` is applied to each batch, timed."""
     best = float("inf")
     for _ in range(repeats):
-        started = time.perf_counter()
-        count = sum(len(labels) for _, labels in loader)
+        started, count = time.perf_counter(), 0
+        for batch in loader:
+            images, labels = on_device(batch) if on_device else batch
+            assert images.dtype == torch.float32
+            count += len(labels)
         best = min(best, time.perf_counter() - started)
     return count / best
 
@@ -83,6 +99,16 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--size", type=int, nargs=2, default=(1024, 768), metavar=("W", "H"))
+    parser.add_argument(
+        "--normalise-in-workers",
+        action="store_true",
+        help="the project's workers normalise each image and hand over float32",
+    )
+    parser.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="glibc's default allocator settings in the main process for the project's loaders",
+    )
     parser.add_argument("--out", type=Path, help="also write the markdown report here")
     args = parser.parse_args()
 
@@ -91,7 +117,10 @@ def main() -> None:
         f"- machine: {machine()}",
         f"- command: `{' '.join(['python', *sys.argv])}`",
         f"- {args.images} generated {args.size[0]}x{args.size[1]} JPEGs, {args.workers} workers, "
-        f"batch {args.batch_size}, 224-px output",
+        f"batch {args.batch_size}, 224-px output; the project's loaders normalise "
+        + ("in the workers" if args.normalise_in_workers else "uint8 batches in the main process")
+        + (", glibc defaults" if args.default_allocator else ", freed memory kept")
+        + " in the main process",
         f"- load average (1/5/15 min) at start: {load()}",
     ]
     with tempfile.TemporaryDirectory(prefix="inat-pipeline-") as tmp:
@@ -113,26 +142,43 @@ def main() -> None:
         )
         # All images in one "train" split so each loader sees every image once per pass.
         everything = split.samples("train") + split.samples("val") + split.samples("test")
+        loader_args = dict(batch_size=args.batch_size, num_workers=args.workers)
+        # The naive loader first, for both transforms: the project's allocator setting leaves
+        # glibc's thresholds fixed for the rest of the process (allocator.py), which would
+        # also speed up naive workers started after it.
+        naive = {}
+        for augment in (False, True):
+            train_tf, _ = naive_transforms(augment)
+            naive_ds = datasets.ImageFolder(str(root), transform=train_tf)
+            naive[augment] = images_per_second(DataLoader(naive_ds, **loader_args))
         rows = []
         for augment in (False, True):
-            train_tf, eval_tf = naive_transforms(augment)
-            naive_ds = datasets.ImageFolder(str(root), transform=train_tf)
-            loader_args = dict(batch_size=args.batch_size, num_workers=args.workers)
-            naive = images_per_second(DataLoader(naive_ds, **loader_args))
             rates = {}
             for name, image_store in (("direct", None), ("prepared", store)):
                 dm = FineTuneDataModule(
-                    split, pre, args.batch_size, args.workers, augment, image_store=image_store
+                    split,
+                    pre,
+                    args.batch_size,
+                    args.workers,
+                    augment,
+                    image_store=image_store,
+                    normalise_on_device=not args.normalise_in_workers,
                 )
                 dataset = dm.dataset("train")
                 dataset.samples = everything
-                rates[name] = images_per_second(
-                    DataLoader(dataset, persistent_workers=True, **loader_args)
+                # Set up as the datamodule's own loaders are (without their shuffling).
+                loader = DataLoader(
+                    dataset,
+                    persistent_workers=True,
+                    worker_init_fn=keep_freed_memory,
+                    **loader_args,
                 )
+                with freed_memory_kept(not args.default_allocator):
+                    rates[name] = images_per_second(loader, dm.on_after_batch_transfer)
             rows.append(
                 f"| {'training augmentation' if augment else 'evaluation transform'} | "
-                f"{naive:.0f} | {rates['direct']:.0f} | {rates['prepared']:.0f} | "
-                f"{rates['prepared'] / naive:.1f}x |"
+                f"{naive[augment]:.0f} | {rates['direct']:.0f} | {rates['prepared']:.0f} | "
+                f"{rates['prepared'] / naive[augment]:.1f}x |"
             )
             print(rows[-1], flush=True)
     lines.append(f"- load average at end: {load()}")

@@ -10,9 +10,9 @@ in images per second:
   channels-last, bf16 autocast channels-last;
 * the real data pipeline (bf16 channels-last, training augmentation, pinned memory, persistent
   workers, one worker per core up to 16) on generated nature-sized JPEGs (800x600, like
-  nature_12K's photos): the naive ImageFolder loader (PIL, whole JPEG decoded), the project's
-  loader without the cache (JPEG draft mode), and the project's loader on the prepared-image
-  cache.
+  nature_12K's photos): the naive ImageFolder loader (PIL, whole JPEG decoded, normalised in
+  the workers), the project's loader without the cache (JPEG draft mode), and the project's
+  loader on the prepared-image cache (both hand over uint8, normalised on the GPU).
 
 The gap between the synthetic bf16 row and the pipeline rows is the time the GPU waits for
 decoding. The report is markdown, to paste into ``benchmarks/RESULTS.md``.
@@ -56,13 +56,19 @@ def make_model(device: torch.device, channels_last: bool) -> nn.Module:
     return model.train()
 
 
-def step_fn(model: nn.Module, device: torch.device, bf16: bool, channels_last: bool):
+def step_fn(
+    model: nn.Module, device: torch.device, bf16: bool, channels_last: bool, on_device=None
+):
+    """One training step; ``on_device`` maps each batch once it is on the device (the project's
+    loaders hand over uint8 images, normalised there)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     criterion = nn.CrossEntropyLoss()
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True) % 10
+        if on_device is not None:
+            images, labels = on_device((images, labels))
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -94,10 +100,10 @@ def synthetic(device: torch.device, sizes: dict, bf16: bool, channels_last: bool
     return sizes["steps"] * sizes["batch"] / (time.perf_counter() - started)
 
 
-def pipeline(device: torch.device, sizes: dict, dataset, workers: int) -> float:
+def pipeline(device: torch.device, sizes: dict, dataset, workers: int, on_device=None) -> float:
     """Images/s of bf16 channels-last training fed by ``dataset``; the last epoch is timed."""
     model = make_model(device, channels_last=True)
-    step = step_fn(model, device, bf16=True, channels_last=True)
+    step = step_fn(model, device, bf16=True, channels_last=True, on_device=on_device)
     loader = DataLoader(
         dataset,
         batch_size=sizes["batch"],
@@ -177,11 +183,10 @@ def main() -> None:
             f"bf16 autocast | channels-last | {pipeline(device, sizes, naive, workers):.0f} |"
         )
         for label, image_store in (("project loader, no cache", None), ("prepared cache", store)):
-            dataset = FineTuneDataModule(split, pre, augment=True, image_store=image_store).dataset(
-                "train"
-            )
+            dm = FineTuneDataModule(split, pre, augment=True, image_store=image_store)
+            dataset = dm.dataset("train")
             dataset.samples = everything
-            rate = pipeline(device, sizes, dataset, workers)
+            rate = pipeline(device, sizes, dataset, workers, dm.on_after_batch_transfer)
             row(
                 f"| {sizes['photo'][0]}x{sizes['photo'][1]} JPEGs, {label} | bf16 autocast | "
                 f"channels-last | {rate:.0f} |"

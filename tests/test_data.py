@@ -212,6 +212,26 @@ def test_datamodule_batches_and_labels(image_folder):
     assert set(labels.tolist()) == {0, 1}
 
 
+@pytest.mark.parametrize("augment", [False, True])
+def test_uint8_batches_normalised_on_the_device_equal_images_normalised_in_the_workers(
+    image_folder, augment
+):
+    split = make_split(image_folder({"a": 6, "b": 6}))
+    on_device = FineTuneDataModule(split, PRE, batch_size=4, num_workers=0, augment=augment)
+    in_workers = FineTuneDataModule(
+        split, PRE, batch_size=4, num_workers=0, augment=augment, normalise_on_device=False
+    )
+    for name in ("train", "val", "test"):
+        handed, expected = (getattr(dm, f"{name}_dataloader")() for dm in (on_device, in_workers))
+        for (images, labels), (want, want_labels) in zip(handed, expected, strict=True):
+            assert images.dtype == torch.uint8 and want.dtype == torch.float32
+            images, labels = on_device.on_after_batch_transfer((images, labels))
+            assert torch.equal(images, want) and torch.equal(labels, want_labels), name
+    # Batches that are already floats (stored features, random erasing) pass untouched.
+    floats = torch.randn(2, 3, 4, 4)
+    assert on_device.on_after_batch_transfer((floats, labels))[0] is floats
+
+
 def test_dataset_paths_with_spaces_and_non_ascii(tmp_path):
     make_class_folders(tmp_path / "d", {"épeire diadème": 4, "red ant": 4})
     split = make_split(tmp_path / "d")

@@ -139,9 +139,12 @@ def test_images_from_the_cache_equal_the_direct_path(photos, tmp_path):
     # Stored small: the shorter side is the resize size.
     arrays = store.arrays
     assert all(min(arrays[p].shape[1:]) == pre.resize_size for p in arrays.entries)
-    # Augmented training images come out in the same shape and value range.
-    image, _ = FineTuneDataModule(split, pre, augment=True, image_store=store).dataset("train")[0]
-    assert image.shape == (3, 64, 64) and image.dtype == torch.float32
+    # Augmented training images come out in the same shape, handed over as uint8.
+    augmented = FineTuneDataModule(split, pre, augment=True, image_store=store)
+    image, _ = augmented.dataset("train")[0]
+    assert image.shape == (3, 64, 64) and image.dtype == torch.uint8
+    image, _ = augmented.on_after_batch_transfer((image[None], torch.tensor([0])))
+    assert image.dtype == torch.float32 and image.min() < 0 < image.max()
 
 
 def test_changed_source_image_is_prepared_again(photos, tmp_path):

@@ -11,23 +11,27 @@ from typing import Any
 import torch
 from torchvision.transforms import v2
 
-from inat_finetune.data import _to_normalised_tensor, build_train_transform
+from inat_finetune.data import _output_steps, build_train_transform
 from inat_finetune.models import Preprocessing
 
 AUGMENTATIONS = ("seed", "trivialaugment", "randaugment")
 
 
 def build_recipe_train_transform(
-    pre: Preprocessing, augmentation: str = "seed", random_erasing: float = 0.0
+    pre: Preprocessing,
+    augmentation: str = "seed",
+    random_erasing: float = 0.0,
+    normalise: bool = True,
 ) -> v2.Compose:
     """Random resized crop and flip, then the chosen policy, then random erasing.
 
     ``seed`` is exactly the original write-up's set (``data.build_train_transform``) when
     random erasing is off. TrivialAugment draws one operation with a random strength per
-    image and has no knobs to tune; RandAugment applies two at a fixed strength.
+    image and has no knobs to tune; RandAugment applies two at a fixed strength. With
+    random erasing the images are normalised here whatever ``normalise`` says.
     """
     if augmentation == "seed" and random_erasing == 0:
-        return build_train_transform(pre, augment=True)
+        return build_train_transform(pre, augment=True, normalise=normalise)
     steps: list[Any] = [
         v2.RandomResizedCrop(pre.crop_size, interpolation=pre.interpolation_mode, antialias=True),
         v2.RandomHorizontalFlip(),
@@ -47,7 +51,7 @@ def build_recipe_train_transform(
         steps.append(v2.RandAugment(interpolation=policy_interpolation))
     else:
         raise ValueError(f"unknown augmentation {augmentation!r}; use one of {AUGMENTATIONS}")
-    steps += _to_normalised_tensor(pre)
+    steps += _output_steps(pre, normalise or random_erasing > 0)
     if random_erasing > 0:
         # After normalisation, so the erased patch is random noise around the dataset mean.
         steps.append(v2.RandomErasing(p=random_erasing, value="random"))

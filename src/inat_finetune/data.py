@@ -34,6 +34,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from inat_finetune.allocator import keep_freed_memory
 from inat_finetune.distributed import evaluation_sampler
 from inat_finetune.errors import UserError
 from inat_finetune.models import Preprocessing
@@ -402,28 +403,40 @@ class ToNormalisedFloat:
         }
 
     def __call__(self, image: Any) -> torch.Tensor:
+        """One image (C, H, W) or a batch (B, C, H, W), on any device."""
         if not isinstance(image, torch.Tensor):
             image = v2.functional.to_image(image)
         tensor = image.as_subclass(torch.Tensor)
         if tensor.dtype not in self._shift:
             tensor = v2.functional.to_dtype(tensor, torch.float32, scale=True)
         kind = tensor.dtype
-        # Not in place on the input: the subtraction allocates the float32 result (uint8
-        # promotes), and only that new tensor is scaled in place.
-        return tensor.sub(self._shift[kind]).mul_(self._scale[kind])
+        shift, scale = self._shift[kind], self._scale[kind]
+        if shift.device != tensor.device:
+            shift, scale = shift.to(tensor.device), scale.to(tensor.device)
+        # Never in place on the input. uint8 is converted first, then shifted and scaled in
+        # place: the same values as a promoting subtraction (which converts each element the
+        # same way) at a quarter of its time. Elementwise and exactly rounded, so a batch gets
+        # bit for bit the values its images would get one by one.
+        if kind == torch.uint8:
+            return tensor.to(torch.float32).sub_(shift).mul_(scale)
+        return tensor.sub(shift).mul_(scale)
 
     def __repr__(self) -> str:  # part of the feature cache's key: stable, and names the values
         return f"{type(self).__name__}(mean={list(self.mean)}, std={list(self.std)})"
 
 
-def _to_normalised_tensor(pre: Preprocessing) -> list[Any]:
-    return [ToNormalisedFloat(pre.mean, pre.std)]
+def _output_steps(pre: Preprocessing, normalise: bool) -> list[Any]:
+    """The last step of every transform: normalised float32, or the uint8 image as it is, to
+    be normalised on the device (``FineTuneDataModule.on_after_batch_transfer``)."""
+    return [ToNormalisedFloat(pre.mean, pre.std) if normalise else v2.ToPureTensor()]
 
 
-def build_train_transform(pre: Preprocessing, augment: bool = True) -> v2.Compose:
+def build_train_transform(
+    pre: Preprocessing, augment: bool = True, normalise: bool = True
+) -> v2.Compose:
     """The seed's augmentation: random resized crop, flip, colour jitter, rotation."""
     if not augment:
-        return build_eval_transform(pre)
+        return build_eval_transform(pre, normalise)
     return v2.Compose(
         [
             v2.ToImage(),
@@ -433,19 +446,19 @@ def build_train_transform(pre: Preprocessing, augment: bool = True) -> v2.Compos
             v2.RandomHorizontalFlip(),
             v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05),
             v2.RandomRotation(15),
-            *_to_normalised_tensor(pre),
+            *_output_steps(pre, normalise),
         ]
     )
 
 
-def build_eval_transform(pre: Preprocessing) -> v2.Compose:
+def build_eval_transform(pre: Preprocessing, normalise: bool = True) -> v2.Compose:
     """Deterministic: resize, centre crop and normalise exactly as the weights were trained."""
     return v2.Compose(
         [
             v2.ToImage(),
             v2.Resize(pre.resize_size, interpolation=pre.interpolation_mode, antialias=True),
             v2.CenterCrop(pre.crop_size),
-            *_to_normalised_tensor(pre),
+            *_output_steps(pre, normalise),
         ]
     )
 
@@ -473,7 +486,17 @@ def default_num_workers(accelerator: str = "auto", prepared: bool = False) -> in
 
 
 class FineTuneDataModule(L.LightningDataModule):
-    """Train/val/test loaders over a ``DataSplit``; augmentation on the training subset only."""
+    """Train/val/test loaders over a ``DataSplit``; augmentation on the training subset only.
+
+    With ``normalise_on_device`` (the default) the loaders hand over uint8 images and
+    ``on_after_batch_transfer`` normalises each batch once it is on the device, as TorchGeo's
+    datamodules apply their batch transforms: a quarter of the bytes through the workers'
+    shared memory, pinned memory and the host-to-device copy, and no per-image normalisation
+    in the workers (``benchmarks/data_pipeline.py``). The values are the same as normalising
+    each image in the worker. A Trainer given this datamodule applies the hook; code that
+    iterates the loaders itself calls ``on_after_batch_transfer`` on each batch (or sets
+    ``normalise_on_device=False``).
+    """
 
     def __init__(
         self,
@@ -487,10 +510,14 @@ class FineTuneDataModule(L.LightningDataModule):
         train_transform: Any = None,
         eval_preprocessing: Preprocessing | None = None,
         test_transform: Any = None,
+        normalise_on_device: bool = True,
     ) -> None:
         """``train_transform`` replaces the seed's augmentation; ``eval_preprocessing`` sets
         another size for validation and test (``--test-img-size``); ``test_transform`` replaces
-        the test transform (multi-crop test-time augmentation needs the whole resized image)."""
+        the test transform (multi-crop test-time augmentation needs the whole resized image).
+        Transforms passed in are built with ``normalise=not normalise_on_device``; one that
+        normalises anyway (random erasing must come after normalisation) still works: the
+        hook leaves float batches alone."""
         super().__init__()
         self.split = split
         self.preprocessing = preprocessing
@@ -503,17 +530,24 @@ class FineTuneDataModule(L.LightningDataModule):
         self.train_transform = train_transform
         self.eval_preprocessing = eval_preprocessing or preprocessing
         self.test_transform = test_transform
+        # Applied to uint8 batches on the device; None when the workers normalise.
+        self.normalise = (
+            ToNormalisedFloat(preprocessing.mean, preprocessing.std)
+            if normalise_on_device
+            else None
+        )
 
     def dataset(self, split: str) -> Dataset:
         pre = self.preprocessing if split == "train" else self.eval_preprocessing
+        in_workers = self.normalise is None
         if split == "train":
             transform = self.train_transform
             if transform is None:
-                transform = build_train_transform(pre, self.augment)
+                transform = build_train_transform(pre, self.augment, normalise=in_workers)
         elif split == "test" and self.test_transform is not None:
             transform = self.test_transform
         else:
-            transform = build_eval_transform(pre)
+            transform = build_eval_transform(pre, normalise=in_workers)
         # The store holds images at one resize size; a split evaluated at another size
         # (--test-img-size) decodes the photos instead.
         if self.image_store is not None and self.image_store.size == pre.resize_size:
@@ -535,6 +569,7 @@ class FineTuneDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            worker_init_fn=keep_freed_memory,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -556,3 +591,9 @@ class FineTuneDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int = 0) -> Any:
+        images, labels = batch
+        if self.normalise is not None and images.dtype == torch.uint8:
+            images = self.normalise(images)
+        return images, labels

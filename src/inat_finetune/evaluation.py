@@ -109,7 +109,7 @@ def evaluate(
         batch_size,
         num_workers,
         augment=False,
-        test_transform=tta_eval_transform(preprocessing, tta),
+        test_transform=tta_eval_transform(preprocessing, tta, normalise=False),
     )
     acc = resolve_accelerator(accelerator)
     module = FineTuneModule(

@@ -72,7 +72,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +83,7 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, TensorDataset
 
+from inat_finetune.allocator import keep_freed_memory
 from inat_finetune.caching import ArrayStore, cache_root, short_hash
 from inat_finetune.distributed import evaluation_sampler
 
@@ -357,6 +358,7 @@ def _extract(
     cuts: list[list[str]],
     features: bool,
     datasets: dict[str, Any],
+    normalise: Callable[[torch.Tensor], torch.Tensor] | None,
     todo: list[Path],
     batch_size: int,
     num_workers: int,
@@ -380,6 +382,7 @@ def _extract(
         batch_size=batch_size,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
+        worker_init_fn=keep_freed_memory,
     )
     model, home = module.model, next(module.model.parameters()).device
     dtype = AUTOCAST_DTYPES[precision]
@@ -417,6 +420,8 @@ def _extract(
             with capture as seen:
                 for images, _ in batches:
                     output = images.to(device, non_blocking=True)
+                    if normalise is not None and output.dtype == torch.uint8:
+                        output = normalise(output)
                     if channels_last:
                         output = output.contiguous(memory_format=torch.channels_last)
                     arrays = []
@@ -571,6 +576,9 @@ def cached_features(
     transform = repr(datasets["test"].transform)
     if repr(datasets["train"].transform) != transform:
         return CachedFeatures("off (the training transform is not the evaluation transform)")
+    normalise = getattr(datamodule, "normalise", None)  # uint8 batches, normalised on the device
+    if normalise is not None:
+        transform += f", then on the device {normalise!r}"
     device = _device(accelerator)
 
     def store_for(cut: list[str]) -> ArrayStore:
@@ -621,6 +629,7 @@ def cached_features(
                     cuts,
                     not prefix,
                     datasets,
+                    normalise,
                     todo,
                     config.batch_size,
                     datamodule.num_workers,

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from inat_finetune.allocator import keep_freed_memory
+
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """A generator for one epoch; SeedSequence mixes the two numbers without collisions."""
@@ -114,6 +116,7 @@ class ResumableLoader(DataLoader):
             num_workers=num_workers,
             persistent_workers=num_workers > 0,
             pin_memory=pin_memory,
+            worker_init_fn=keep_freed_memory,
             # Worker seeds come from this generator, not from the global RNG, so starting
             # the loader does not disturb the random state that dropout uses.
             generator=torch.Generator().manual_seed(seed),

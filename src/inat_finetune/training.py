@@ -191,6 +191,12 @@ class FineTuneModule(L.LightningModule):
             self.ema.update(self.model, step=self.global_step + 1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype == torch.uint8:
+            raise TypeError(
+                "uint8 images reached the model: FineTuneDataModule's loaders hand over uint8 "
+                "and normalise in its on_after_batch_transfer; give the Trainer the datamodule "
+                "(datamodule=...), or build it with normalise_on_device=False"
+            )
         if self.feature_tail:
             return run_tail(self.model, self.feature_tail, images)
         if self.channels_last:
@@ -516,12 +522,12 @@ def _train(
             config.seed,
             image_store=image_store,
             train_transform=build_recipe_train_transform(
-                preprocessing, config.augmentation, config.random_erasing
+                preprocessing, config.augmentation, config.random_erasing, normalise=False
             )
             if config.augment
             else None,
             eval_preprocessing=test_preprocessing,
-            test_transform=tta_eval_transform(test_preprocessing, config.tta),
+            test_transform=tta_eval_transform(test_preprocessing, config.tta, normalise=False),
         )
 
     # The card's preprocessing is what evaluate/predict/export apply: the test-time one.

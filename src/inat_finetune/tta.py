@@ -18,22 +18,22 @@ from collections.abc import Callable
 import torch
 from torchvision.transforms import v2
 
-from inat_finetune.data import _to_normalised_tensor, build_eval_transform
+from inat_finetune.data import _output_steps, build_eval_transform
 from inat_finetune.models import Preprocessing
 
 TTA_MODES = ("none", "flip", "multicrop")
 
 
-def tta_eval_transform(pre: Preprocessing, mode: str) -> v2.Compose:
+def tta_eval_transform(pre: Preprocessing, mode: str, normalise: bool = True) -> v2.Compose:
     """The test loader's transform for ``mode``: the usual one, or the whole resized square."""
     if mode != "multicrop":
-        return build_eval_transform(pre)
+        return build_eval_transform(pre, normalise)
     return v2.Compose(
         [
             v2.ToImage(),
             v2.Resize(pre.resize_size, interpolation=pre.interpolation_mode, antialias=True),
             v2.CenterCrop(pre.resize_size),
-            *_to_normalised_tensor(pre),
+            *_output_steps(pre, normalise),
         ]
     )
 
