@@ -81,6 +81,17 @@ def test_checkpoint_is_self_describing_and_loads_weights_only(tiny_run):
     assert loaded_card == card and model.classifier[1].out_features == 3
 
 
+def test_uint8_images_given_straight_to_the_model_get_a_clear_error(tiny_run):
+    from inat_finetune.training import FineTuneModule
+
+    model, card = load_checkpoint(tiny_run.run_dir / "checkpoints" / "best.ckpt")
+    module = FineTuneModule(model, card).eval()
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    with pytest.raises(TypeError, match="on_after_batch_transfer.*datamodule="):
+        module(images)
+    assert module(images.float()).shape == (2, 3)
+
+
 def test_evaluate_rescores_the_run_identically(tiny_run):
     result = evaluate(tiny_run.run_dir, num_workers=0, progress=False)
     assert result["test_acc"] == pytest.approx(tiny_run.results["test_acc"])
