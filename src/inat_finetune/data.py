@@ -401,6 +401,8 @@ class ToNormalisedFloat:
             torch.uint8: torch.tensor(self.std).mul(255).reciprocal().view(-1, 1, 1),
             torch.float32: torch.tensor(self.std).reciprocal().view(-1, 1, 1),
         }
+        # Copies on other devices, made once: a copy per batch would wait on the device.
+        self._elsewhere: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, ...]] = {}
 
     def __call__(self, image: Any) -> torch.Tensor:
         """One image (C, H, W) or a batch (B, C, H, W), on any device."""
@@ -411,8 +413,11 @@ class ToNormalisedFloat:
             tensor = v2.functional.to_dtype(tensor, torch.float32, scale=True)
         kind = tensor.dtype
         shift, scale = self._shift[kind], self._scale[kind]
-        if shift.device != tensor.device:
-            shift, scale = shift.to(tensor.device), scale.to(tensor.device)
+        if tensor.device != shift.device:
+            key = (kind, tensor.device)
+            if key not in self._elsewhere:
+                self._elsewhere[key] = (shift.to(tensor.device), scale.to(tensor.device))
+            shift, scale = self._elsewhere[key]
         # Never in place on the input. uint8 is converted first, then shifted and scaled in
         # place: the same values as a promoting subtraction (which converts each element the
         # same way) at a quarter of its time. Elementwise and exactly rounded, so a batch gets

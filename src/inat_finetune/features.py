@@ -358,7 +358,7 @@ def _extract(
     cuts: list[list[str]],
     features: bool,
     datasets: dict[str, Any],
-    normalise: Callable[[torch.Tensor], torch.Tensor] | None,
+    after_transfer: Callable[[Any], Any],
     todo: list[Path],
     batch_size: int,
     num_workers: int,
@@ -370,7 +370,8 @@ def _extract(
 
     The arrays are the output of each of ``cuts`` (leading runs of blocks, each one longer
     than the one before), then, if ``features``, the input of ``tail[0]``; without
-    ``features`` the blocks of the last cut are all that runs."""
+    ``features`` the blocks of the last cut are all that runs. ``after_transfer`` is the
+    datamodule's hook for batches on the device (it normalises uint8 images)."""
     wanted, parts, paths = {str(p) for p in todo}, [], []
     for dataset in datasets.values():
         indices = [i for i, (p, _) in enumerate(dataset.samples) if str(p) in wanted]
@@ -418,10 +419,8 @@ def _extract(
         try:
             capture = capturing(rest.get_submodule(tail[0])) if rest else contextlib.nullcontext()
             with capture as seen:
-                for images, _ in batches:
-                    output = images.to(device, non_blocking=True)
-                    if normalise is not None and output.dtype == torch.uint8:
-                        output = normalise(output)
+                for images, labels in batches:
+                    output, _ = after_transfer((images.to(device, non_blocking=True), labels))
                     if channels_last:
                         output = output.contiguous(memory_format=torch.channels_last)
                     arrays = []
@@ -629,7 +628,7 @@ def cached_features(
                     cuts,
                     not prefix,
                     datasets,
-                    normalise,
+                    datamodule.on_after_batch_transfer,
                     todo,
                     config.batch_size,
                     datamodule.num_workers,
