@@ -6,6 +6,9 @@ import inat_finetune  # noqa: F401 - first: sets OpenMP's wait policy before tor
 
 # isort: split
 import os
+import struct
+import threading
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +42,34 @@ def write_image(path: Path, seed: int, size: tuple[int, int] = (48, 40), mode: s
     if mode != "RGB":
         image = image.convert(mode)
     image.save(path)
+    return path
+
+
+def write_tall_png(path: Path, width: int = 4, height: int = 20_000_000) -> Path:
+    """A grey PNG of ``width`` x ``height`` px written row block by row block, never held whole:
+    4 x 20,000,000 px is 146 KB on disk, and ~80 GB once its short side is resized to 73 px."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    row = b"\x00" + b"\x80" * width  # filter byte "none", then mid-grey pixels
+    per_block = max(1, (1 << 20) // len(row))
+    block = row * per_block
+    deflate = zlib.compressobj(9)
+    parts = []
+    for start in range(0, height, per_block):
+        rows = min(per_block, height - start)
+        parts.append(deflate.compress(block if rows == per_block else row * rows))
+    parts.append(deflate.flush())
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", b"".join(parts))
+        + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -87,3 +118,35 @@ def require_shared(path: Path) -> Path:
     if not path.is_dir():
         pytest.fail(f"{path} is missing: the shared photo sets must sit next to the repository")
     return path
+
+
+@pytest.fixture
+def named_pipe():
+    """Factory for named pipes (``os.mkfifo``). A watchdog thread notices any reader that opens
+    one (a read-open blocks until a writer comes), records the pipe in ``make.opened`` and frees
+    the reader, so a regression fails its test instead of hanging the suite."""
+    made: list[Path] = []
+    stop = threading.Event()
+
+    def make(path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.mkfifo(path)
+        made.append(path)
+        return path
+
+    make.opened = []
+
+    def watch() -> None:
+        while not stop.wait(0.05):
+            for path in list(made):
+                try:  # succeeds only while a reader has the pipe open
+                    os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+                except OSError:
+                    continue
+                make.opened.append(path)
+
+    watchdog = threading.Thread(target=watch, daemon=True)
+    watchdog.start()
+    yield make
+    stop.set()
+    watchdog.join()

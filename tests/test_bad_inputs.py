@@ -20,15 +20,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, make_class_folders, write_image
-from PIL import Image
+from conftest import ROOT, make_class_folders, write_image, write_tall_png
+from PIL import Image, ImageFile
 from typer.testing import CliRunner
 
 from inat_finetune import training
 from inat_finetune.cli import app
 from inat_finetune.config import load_config
-from inat_finetune.data import FineTuneDataModule, make_split
+from inat_finetune.data import MAX_ASPECT_RATIO, DataSplit, FineTuneDataModule, make_split
 from inat_finetune.errors import UserError, one_line
+from inat_finetune.evaluation import evaluate
 from inat_finetune.models import IMAGENET_PREPROCESSING
 from inat_finetune.training import train
 
@@ -116,6 +117,70 @@ def test_images_over_the_pixel_limit_are_skipped_and_counted(image_folder, monke
     assert warnings.filters == filters_before  # nothing leaked into the process
 
 
+def test_too_elongated_images_are_skipped_and_counted_before_decoding(image_folder, monkeypatch):
+    """A 146 KB PNG of 4 x 20,000,000 px is under the pixel limit, but resizing its short side
+    to the network's size would take ~80 GB: the scan refuses it from its header alone."""
+    root = image_folder({"a": 4, "b": 4})
+    write_tall_png(root / "a" / "tall.png")
+    write_image(root / "b" / "strip.png", 1, size=(7 * MAX_ASPECT_RATIO + 7, 7))  # 1:51
+    write_image(root / "b" / "banner.png", 2, size=(7 * MAX_ASPECT_RATIO, 7))  # 1:50 is kept
+    decoded: list[tuple[int, int]] = []
+    real_load = ImageFile.ImageFile.load
+
+    def recording_load(self):
+        decoded.append(self.size)
+        return real_load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", recording_load)
+    split = make_split(root)
+    reasons = {s.path: s.reason for s in split.skipped}
+    assert reasons == {
+        "a/tall.png": "over the image memory budget (4 x 20,000,000 px is 1:5,000,000; the "
+        "limit is 1:50 long side to short side, which keeps resizing it under 1 GiB)",
+        "b/strip.png": "over the image memory budget (357 x 7 px is 1:51; the limit is 1:50 "
+        "long side to short side, which keeps resizing it under 1 GiB)",
+    }
+    assert sum(sum(c.values()) for c in split.counts().values()) == 9  # the 8 and the banner
+    assert (4, 20_000_000) not in decoded and (357, 7) not in decoded  # never decoded
+    assert (350, 7) in decoded  # the check really ran on the others
+    assert split.summary()["skipped_by_reason"] == {"over the image memory budget": 2}
+
+
+@pytest.mark.timeout(60)
+def test_named_pipes_and_devices_are_skipped_without_opening_them(image_folder, named_pipe):
+    """A named pipe called x.jpg would block whoever opens it until a writer comes."""
+    root = image_folder({"a": 4, "b": 4})
+    named_pipe(root / "a" / "x.jpg")
+    (root / "b" / "null.png").symlink_to(os.devnull)  # a character device behind a link
+    split = make_split(root)
+    reasons = {s.path: s.reason for s in split.skipped}
+    assert reasons == {
+        "a/x.jpg": "not a regular file (named pipe)",
+        "b/null.png": "not a regular file (character device)",
+    }
+    assert named_pipe.opened == []
+    assert sum(sum(c.values()) for c in split.counts().values()) == 8
+
+
+def test_an_image_gone_before_evaluate_is_reported_as_missing(image_folder, tmp_path):
+    root = image_folder({"a": 6, "b": 6})
+    cfg = load_config(None, data=str(root), output=str(tmp_path / "runs"), **TINY)
+    run = train(cfg, progress=False).run_dir
+    split = DataSplit.load(run / "split.json")
+    gone = Path(split.root) / split.test["a"][0]
+    gone.unlink()
+    with pytest.raises(UserError) as info:
+        evaluate(run, num_workers=0, progress=False)
+    line = one_line(str(info.value))
+    assert line.startswith(f"{gone}: no longer exists (it was there when the data was scanned)")
+    assert "restore it, or scan the data again" in line
+    assert "training" not in line and "decode" not in line
+
+    cli = CliRunner().invoke(app, ["evaluate", str(run), "--num-workers", "0"])
+    assert cli.exit_code == 2
+    assert cli.output.strip() == f"error: {line}"
+
+
 def test_symlink_loops_are_reported_and_not_followed(image_folder):
     root = image_folder({"a": 5, "b": 5})
     (root / "a" / "loop").symlink_to(root / "a", target_is_directory=True)  # to its parent
@@ -188,7 +253,8 @@ def test_a_file_broken_after_the_scan_is_a_one_line_error_from_a_worker(image_fo
         next(iter(dm.train_dataloader()))
     assert "Traceback" in str(info.value)  # how DataLoader re-raises a worker's error...
     line = one_line(str(info.value))  # ...and what the CLI prints of it
-    assert line.startswith(f"{split.root}/{split.train['a'][0]}: could not be decoded during")
+    assert line.startswith(f"{split.root}/{split.train['a'][0]}: could not be decoded (")
+    assert "it changed after the data was scanned: replace it" in line
     assert "\n" not in line
 
 

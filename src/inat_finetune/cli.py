@@ -880,7 +880,7 @@ def serve(
     host: Annotated[
         str, typer.Option(help="address to bind; anything but loopback exposes the model")
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port")] = 7860,
+    port: Annotated[int, typer.Option(help="TCP port (0: any free port)")] = 7860,
     max_upload_mb: Annotated[
         float, typer.Option("--max-upload-mb", min=0.001, help="largest upload accepted")
     ] = 10.0,
@@ -889,13 +889,19 @@ def serve(
     ] = 40.0,
 ) -> None:
     """A web page to try the model on a photo (upload or drop), and a JSON API at /api/predict."""
-    import uvicorn
+    from inat_finetune.serve import bind, create_app, is_loopback, run_server
 
-    from inat_finetune.serve import create_app, is_loopback
-
+    try:
+        # Bound before the checkpoint loads and before "serving on" is printed: an invalid or
+        # busy port is one line at once.
+        sock = bind(host, port)
+    except UserError as exc:
+        _fail(str(exc))
+        return
     try:
         web_app = create_app(run_or_ckpt, max_upload_mb, max_megapixels)
     except UserError as exc:
+        sock.close()
         _fail(str(exc))
         return
     if not is_loopback(host):
@@ -903,8 +909,8 @@ def serve(
             f"[yellow]warning:[/] --host {host} is not loopback: anyone who can reach this "
             "machine can use the model"
         )
-    out.print(f"serving on http://{host}:{port}/ (Ctrl+C to stop)")
-    uvicorn.run(web_app, host=host, port=port, log_level="info")
+    out.print(f"serving on http://{host}:{sock.getsockname()[1]}/ (Ctrl+C to stop)")
+    run_server(web_app, sock)
 
 
 @app.command()

@@ -12,6 +12,21 @@ Accepted layouts (``detect_layout``):
 Only files that are real images count: a file needs an image extension and must decode.
 Everything else (``.DS_Store``, placeholders such as GIFs, zero-byte or truncated files) is
 skipped, counted and reported, never silently dropped and never fed to the network.
+
+Images are bounded by memory, not only by pixels (``memory_refusal``, the one guard every entry
+point calls: the scan behind train, prepare and check-data, ``load_image`` behind training,
+evaluation, prepare, predict and serve). From the header alone, before any pixel is decoded,
+an image is refused when
+
+* its pixel count is over PIL's ``Image.MAX_IMAGE_PIXELS`` (the decompression-bomb limit);
+* its long side is more than ``MAX_ASPECT_RATIO`` (50) times its short side: resizing the short
+  side to the network's size scales the long side up by the same factor, so a 146 KB PNG of
+  4 x 20,000,000 px would become 80 GB. At 1:50 a 256-px resize stays under 10 MB;
+* decoding it (``DECODED_BYTES_PER_PIXEL`` per pixel: PIL's 4-byte pixels and the RGB copy) or
+  resizing it to the target short side would take more than ``IMAGE_MEMORY_BUDGET`` (1 GiB).
+
+Files that are not regular files (named pipes, devices, sockets) are refused without reading
+them: opening a named pipe would wait forever for a writer.
 """
 
 from __future__ import annotations
@@ -19,13 +34,15 @@ from __future__ import annotations
 import logging
 import os
 import random
+import stat
 import warnings
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import lightning as L
 import numpy as np
@@ -47,6 +64,97 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 IGNORED_DIR_NAMES = frozenset({"__MACOSX"})
 NATURE12K_DIR = "inaturalist_12K"
+
+# The memory bounds of one image (module docstring); the pixel limit is PIL's MAX_IMAGE_PIXELS.
+MAX_ASPECT_RATIO = 50
+IMAGE_MEMORY_BUDGET = 1 << 30  # bytes, per image being decoded or resized
+DECODED_BYTES_PER_PIXEL = 8  # PIL holds 4 bytes per pixel, and load_image makes an RGB copy
+RESIZED_BYTES_PER_PIXEL = 6  # the uint8 RGB result and the resize's intermediate pass
+
+
+class ImageRefused(ValueError):
+    """An image refused without decoding it; ``reason`` is the skip reason, limits included."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _gib(n: float) -> str:
+    return f"{n / (1 << 30):.3g} GiB"
+
+
+def memory_refusal(
+    size: tuple[int, int], target: int | None = None, max_pixels: int | None = None
+) -> str | None:
+    """Why an image of ``size`` (width, height, from its header) must not be decoded, or None.
+
+    ``target`` is the short side it will be resized to (None: not known yet, as in the scan);
+    ``max_pixels`` the pixel limit to apply (None: none here, PIL applies its own on open).
+    """
+    width, height = size
+    short, long = min(width, height), max(width, height)
+    described = f"{width:,} x {height:,} px"
+    if short < 1:
+        return f"does not decode (header says {described})"
+    if max_pixels is not None and width * height > max_pixels:
+        return f"over the pixel limit ({max_pixels} pixels)"
+    if long > MAX_ASPECT_RATIO * short:
+        return (
+            f"over the image memory budget ({described} is 1:{long / short:,.0f}; "
+            f"the limit is 1:{MAX_ASPECT_RATIO} long side to short side, which keeps resizing "
+            f"it under {_gib(IMAGE_MEMORY_BUDGET)})"
+        )
+    decoded = width * height * DECODED_BYTES_PER_PIXEL
+    resized = 0 if target is None else target * -(-long * target // short) * RESIZED_BYTES_PER_PIXEL
+    needed = max(decoded, resized)
+    if needed > IMAGE_MEMORY_BUDGET:
+        step = "decoding" if decoded >= resized else f"resizing it to {target} px"
+        return (
+            f"over the image memory budget ({described}: {step} takes {_gib(needed)}; "
+            f"the limit is {_gib(IMAGE_MEMORY_BUDGET)} per image)"
+        )
+    return None
+
+
+_FILE_KINDS = {
+    stat.S_IFIFO: "named pipe",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFDIR: "directory",
+}
+
+
+def not_regular_reason(mode: int) -> str | None:
+    """Why a file of ``st_mode`` is not read as an image (a pipe, a device...), or None."""
+    if stat.S_ISREG(mode):
+        return None
+    kind = _FILE_KINDS.get(stat.S_IFMT(mode), "special file")
+    return f"not a regular file ({kind})"
+
+
+def open_regular(path: str | Path) -> IO[bytes]:
+    """Open ``path`` for reading only if it is a regular file; raise ImageRefused otherwise.
+
+    Opened without blocking and checked on the open handle, so a named pipe (which would wait
+    for a writer) or a file swapped for one after a check is never read.
+    """
+    reason = not_regular_reason(os.stat(path).st_mode)  # a socket cannot even be opened
+    if reason is not None:
+        raise ImageRefused(reason)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    descriptor = os.open(path, flags)
+    try:
+        reason = not_regular_reason(os.fstat(descriptor).st_mode)
+        if reason is not None:
+            raise ImageRefused(reason)
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(descriptor, True)
+        return os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
 
 
 @dataclass(frozen=True)
@@ -107,24 +215,34 @@ def _check_image(path: Path) -> str | None:
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
         return f"not an image file ({path.suffix or 'no extension'})"
     try:
-        if path.stat().st_size == 0:
-            return "empty file"
-        with Image.open(path) as img:
-            # Compared here, not by turning PIL's warning into an error: warning filters are
-            # process-wide, and this runs in threads that would undo each other's filters.
-            limit = Image.MAX_IMAGE_PIXELS
-            if limit is not None and img.width * img.height > limit:
-                return f"over the pixel limit ({limit} pixels)"
-            # Reduced-size JPEG decoding reads every byte of the stream (so truncation is
-            # caught) at a fraction of the cost of a full decode.
-            img.draft("RGB", (64, 64))
-            img.load()
+        with open_regular(path) as handle:
+            if os.fstat(handle.fileno()).st_size == 0:
+                return "empty file"
+            return _check_decodes(handle)
+    except ImageRefused as exc:
+        return exc.reason
     except Image.DecompressionBombError:
         return f"over the pixel limit ({Image.MAX_IMAGE_PIXELS} pixels)"
     except PermissionError:
         return "not readable (permission denied)"
     except (OSError, SyntaxError, ValueError) as exc:
         return f"does not decode ({type(exc).__name__}: {exc})"
+
+
+def _check_decodes(handle: IO[bytes]) -> str | None:
+    with Image.open(handle) as img:
+        # Compared here, not by turning PIL's warning into an error: warning filters are
+        # process-wide, and this runs in threads that would undo each other's filters.
+        reason = memory_refusal(img.size, max_pixels=Image.MAX_IMAGE_PIXELS)
+        if reason is not None:
+            return reason
+        # Reduced-size JPEG decoding reads every byte of the stream (so truncation is
+        # caught) at a fraction of the cost of a full decode.
+        img.draft("RGB", (64, 64))
+        reason = memory_refusal(img.size)  # what this decode will hold, after the draft
+        if reason is not None:
+            return reason
+        img.load()
     return None
 
 
@@ -341,13 +459,23 @@ def _require_images(by_class: dict[str, list[str]], folder: Path) -> None:
         )
 
 
-def load_image(path: str | Path, draft_size: int | None = None) -> Image.Image:
-    """Open any photo as 8-bit RGB: EXIF rotation applied, 16-bit, CMYK, palette, alpha handled."""
-    with Image.open(path) as img:
+def load_image(path: str | Path | IO[bytes], draft_size: int | None = None) -> Image.Image:
+    """Open any photo as 8-bit RGB: EXIF rotation applied, 16-bit, CMYK, palette, alpha handled.
+
+    ``draft_size`` is also the short side the caller resizes to: an image whose decode or resize
+    would exceed the memory budget raises ImageRefused before any pixel is decoded, and so does
+    a path that is not a regular file (a named pipe would block).
+    """
+    opened = isinstance(path, str | Path)
+    source = open_regular(path) if opened else path
+    with source if opened else nullcontext(), Image.open(source) as img:
         if draft_size:
             # JPEG decoding at a reduced scale that still covers draft_size: large photos decode
             # several times faster and lose nothing once resized to the network's input.
             img.draft("RGB", (draft_size, draft_size))
+        reason = memory_refusal(img.size, draft_size)
+        if reason is not None:
+            raise ImageRefused(reason)
         img = ImageOps.exif_transpose(img)
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):
             array = np.asarray(img, dtype=np.float32)
@@ -378,8 +506,24 @@ class ImageListDataset(Dataset):
         try:
             image = load_image(path, self.draft_size)
         except (OSError, ValueError) as exc:
-            raise UserError(f"{path}: could not be decoded during training ({exc})") from exc
+            raise UserError(unusable_after_scan(path, exc)) from exc
         return self.transform(image), label
+
+
+def unusable_after_scan(path: str | Path, exc: Exception) -> str:
+    """The one-line error for an image the data scan accepted that now cannot be used.
+
+    Training and evaluation both read images this way, so the message names what happened to
+    the file, not the stage.
+    """
+    again = "or scan the data again (a new run, or evaluate with --data)"
+    if isinstance(exc, FileNotFoundError):
+        what = "no longer exists (it was there when the data was scanned); restore it"
+    elif isinstance(exc, ImageRefused):
+        what = f"{exc.reason}; it changed after the data was scanned: replace it"
+    else:
+        what = f"could not be decoded ({exc}); it changed after the data was scanned: replace it"
+    return f"{path}: {what}, {again}"
 
 
 class ToNormalisedFloat:

@@ -4,6 +4,10 @@ The most expensive mistake a dataset can hide is a test image that is also a tra
 the test accuracy then measures memory, not generalisation. nature_12K-style scrapes often
 carry exact copies, so duplicates are found by content, not by name.
 
+Image files the scan refuses without decoding them (too many pixels, too elongated or over the
+image memory budget, a named pipe or device; see ``data``) are listed as refused, with the
+limit they break, and never counted as readable images.
+
 Hashing only files whose size another file shares keeps this fast: identical bytes imply an
 identical size, and photo sizes rarely collide, so most files are never read at all.
 
@@ -34,6 +38,9 @@ HASH_BLOCK = 1 << 20
 # Reasons data.py gives for files that were never meant to be images (.DS_Store, notes):
 # ignored quietly, unlike image files that fail to decode.
 JUNK_REASONS = ("not an image file", "not in a class folder")
+# Reasons for image files refused before decoding (data.memory_refusal, data.open_regular):
+# reported as refused, not as "does not decode", so the limit they broke is named.
+REFUSED_REASONS = ("over the image memory budget", "over the pixel limit", "not a regular file")
 
 
 @dataclass
@@ -45,7 +52,8 @@ class DataReport:
     classes: list[str]
     counts: dict[str, dict[str, int]]  # split folder -> class -> readable images
     ignored: list[SkippedFile] = field(default_factory=list)  # non-image files
-    unreadable: list[SkippedFile] = field(default_factory=list)  # image files that do not decode
+    # image files that do not decode, or are refused before decoding (REFUSED_REASONS)
+    unreadable: list[SkippedFile] = field(default_factory=list)
     duplicates: list[list[str]] = field(default_factory=list)  # groups of identical files
     missing: dict[str, list[str]] = field(default_factory=dict)  # split -> classes absent
     errors: list[str] = field(default_factory=list)
@@ -171,10 +179,16 @@ def _judge(report: DataReport, names: dict[str, str]) -> None:
             f"{groups} of identical images inside a split{note}; when the validation or test "
             "set is carved out of that split the copies can land on both sides"
         )
-    if report.unreadable:
+    refused = [u for u in report.unreadable if u.reason.startswith(REFUSED_REASONS)]
+    broken = len(report.unreadable) - len(refused)
+    if broken:
         report.warnings.append(
-            f"{_plural(len(report.unreadable), 'image file does', 'image files do')} not decode "
-            "and will be skipped"
+            f"{_plural(broken, 'image file does', 'image files do')} not decode and will be skipped"
+        )
+    if refused:
+        report.warnings.append(
+            f"{_plural(len(refused), 'file is', 'files are')} refused without decoding (over the "
+            "pixel limit or the image memory budget, or not a regular file) and will be skipped"
         )
 
 
@@ -196,7 +210,8 @@ def render(report: DataReport, console: Console, limit: int = 10) -> None:
     if report.ignored:
         console.print(f"ignored {len(report.ignored)} non-image files (.DS_Store and the like)")
     for item in report.unreadable[:limit]:
-        console.print(f"  unreadable: {item.path}: {item.reason}", **plain)
+        label = "refused" if item.reason.startswith(REFUSED_REASONS) else "unreadable"
+        console.print(f"  {label}: {item.path}: {item.reason}", **plain)
     if len(report.unreadable) > limit:
         console.print(f"  ... and {len(report.unreadable) - limit} more unreadable files")
     for group in report.duplicates[:limit]:

@@ -3,7 +3,10 @@
 Images go through exactly the preprocessing recorded in the checkpoint's card (the same
 ``build_eval_transform`` and ``load_image`` that evaluation uses), so ``predict`` over a test
 folder agrees with ``evaluate`` image for image. A file that cannot be read is reported with
-the reason and skipped; one bad photo never stops a batch of thousands.
+the reason and skipped; one bad photo never stops a batch of thousands, nor the other photos
+of its batch: a file that is missing, vanished, unreadable, not a regular file (a named pipe
+is never opened: it would wait forever), undecodable, or refused by ``data.memory_refusal``
+(too many pixels, too elongated, or over the memory budget once resized) is skipped alone.
 """
 
 from __future__ import annotations
@@ -21,7 +24,15 @@ import torch
 from PIL import Image
 from torch import nn
 
-from inat_finetune.data import IMAGE_EXTENSIONS, SkippedFile, build_eval_transform, load_image
+from inat_finetune.data import (
+    IMAGE_EXTENSIONS,
+    ImageRefused,
+    SkippedFile,
+    build_eval_transform,
+    load_image,
+    not_regular_reason,
+)
+from inat_finetune.errors import one_line
 from inat_finetune.evaluation import find_checkpoint, load_checkpoint
 from inat_finetune.models import Preprocessing
 from inat_finetune.runfiles import write_json_atomic, write_text_atomic
@@ -112,34 +123,67 @@ class Predictor:
 
 
 def collect_images(paths: Iterable[str | Path]) -> tuple[list[Path], list[SkippedFile]]:
-    """Expand folders recursively; files named explicitly are tried whatever their extension."""
+    """Expand folders recursively; files named explicitly are tried whatever their extension.
+
+    Only regular files (or links to them) are collected; pipes, devices and sockets are skipped
+    with their kind, without being opened.
+    """
     found: list[Path] = []
     skipped: list[SkippedFile] = []
     for given in paths:
         path = Path(given)
         if path.is_dir():
-            # followlinks=False: a symlink loop cannot trap the walk.
-            for dirpath, dirnames, filenames in os.walk(path, followlinks=False):
-                dirnames.sort()
-                for name in sorted(filenames):
-                    file = Path(dirpath) / name
-                    if file.suffix.lower() in IMAGE_EXTENSIONS:
-                        found.append(file)
-                    else:
-                        reason = f"not an image file ({file.suffix or 'no extension'})"
-                        skipped.append(SkippedFile(str(file), reason))
-        elif path.is_file():
+            walked, left_out = _walk_folder(path)
+            found += walked
+            skipped += left_out
+            continue
+        reason = _not_a_file(path)
+        if reason is None:
             found.append(path)
         else:
-            skipped.append(SkippedFile(str(path), "no such file or directory"))
+            skipped.append(SkippedFile(str(path), reason))
     return found, skipped
 
 
+def _walk_folder(folder: Path) -> tuple[list[Path], list[SkippedFile]]:
+    found: list[Path] = []
+    skipped: list[SkippedFile] = []
+    # followlinks=False: a symlink loop cannot trap the walk.
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames.sort()
+        for name in sorted(filenames):
+            file = Path(dirpath) / name
+            reason = _not_a_file(file)
+            if reason is None and file.suffix.lower() not in IMAGE_EXTENSIONS:
+                reason = f"not an image file ({file.suffix or 'no extension'})"
+            if reason is None:
+                found.append(file)
+            else:
+                skipped.append(SkippedFile(str(file), reason))
+    return found, skipped
+
+
+def _not_a_file(path: Path) -> str | None:
+    """Why ``path`` cannot be read as a file (missing, a pipe, a device), or None."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "no such file or directory"
+    except OSError as exc:
+        return f"not readable ({exc.strerror or exc})"
+    return not_regular_reason(mode)
+
+
 def _try_load(predictor: Predictor, path: Path) -> torch.Tensor | str:
+    """The network's input for ``path``, or why it is skipped; never raises for one bad file."""
     try:
         return predictor.load(path)
+    except ImageRefused as exc:
+        return exc.reason
     except Image.DecompressionBombError:
         return f"over the pixel limit ({Image.MAX_IMAGE_PIXELS} pixels)"
+    except FileNotFoundError:
+        return "vanished (no such file when it was read)"
     except PermissionError:
         return "not readable (permission denied)"
     except (OSError, SyntaxError, ValueError) as exc:
@@ -149,6 +193,8 @@ def _try_load(predictor: Predictor, path: Path) -> torch.Tensor | str:
         except OSError:
             pass  # a dangling link: the decode error below says enough
         return f"does not decode ({type(exc).__name__}: {exc})"
+    except (RuntimeError, MemoryError) as exc:  # torch's failed allocations are RuntimeErrors
+        return f"could not be processed ({type(exc).__name__}: {one_line(str(exc))})"
 
 
 def _chunks(items: Sequence[Path], size: int) -> Iterable[Sequence[Path]]:

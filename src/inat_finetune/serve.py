@@ -3,17 +3,26 @@
 ``GET /`` is one self-contained HTML page (no external scripts, fonts or styles: it works
 offline). ``POST /api/predict`` takes a multipart upload named ``file`` and answers JSON:
 ``{"filename", "width", "height", "top": [{"class", "probability"}, ...]}``; errors are
-``{"detail": "..."}`` with 400 (not an image) or 413 (too many bytes or too many pixels).
+``{"detail": "..."}`` with 400 (not an image), 413 (too many bytes or too many pixels) or 422
+(an image that would exceed the memory budget, ``data.memory_refusal``: more elongated than
+1:50, or over 1 GiB decoded or resized to the model's size).
 
-Uploads are untrusted: the body size is capped before it is read, and the pixel count is read
-from the image header and capped before anything is decoded, so a small file that expands
-to gigapixels (a decompression bomb) is refused without allocating it.
+Uploads are untrusted: the body size is capped before it is read, and the pixel count, aspect
+ratio and memory needs are read from the image header and checked before anything is decoded,
+so a small file that expands to gigapixels (a decompression bomb) or to gigabytes once resized
+(a 4 x 20,000,000 px PNG of 146 KB) is refused without allocating it. At most
+``DECODE_SLOTS`` uploads are decoded at once, so concurrent requests cannot multiply the
+memory one decode may take (a ``--max-megapixels`` 40 image: about 320 MB).
+
+``bind`` opens the listening socket before anything is announced: an invalid or busy
+``--port`` is one line naming it, never a server that says "serving on" and then exits.
 """
 
 from __future__ import annotations
 
 import io
 import ipaddress
+import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -22,12 +31,17 @@ from fastapi import FastAPI, File, HTTPException, UploadFile
 from fastapi.responses import HTMLResponse
 from PIL import Image, UnidentifiedImageError
 
+from inat_finetune.data import ImageRefused, memory_refusal
+from inat_finetune.errors import UserError
 from inat_finetune.predict import Predictor
 
 DEFAULT_MAX_UPLOAD_MB = 10.0
 DEFAULT_MAX_MEGAPIXELS = 40.0
 # Room for the multipart boundary and part headers around the file itself.
 MULTIPART_OVERHEAD = 64 * 1024
+# Uploads decoded at once; the others wait. Inference itself runs one at a time.
+DECODE_SLOTS = 2
+MAX_PORT = 65535
 
 
 def _mb(n: float) -> str:
@@ -86,8 +100,11 @@ class _BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-def check_upload(data: bytes, filename: str, max_pixels: int) -> tuple[int, int]:
-    """Width and height of an uploaded image, read from its header; refuse non-images and bombs."""
+def check_upload(
+    data: bytes, filename: str, max_pixels: int, target: int | None = None
+) -> tuple[int, int]:
+    """Width and height of an uploaded image, read from its header; refuse non-images, bombs
+    and images whose decode or resize to ``target`` px would exceed the memory budget."""
     if not data:
         raise HTTPException(400, f"not an image: {filename} is empty")
     try:
@@ -105,6 +122,9 @@ def check_upload(data: bytes, filename: str, max_pixels: int) -> tuple[int, int]
         ) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise HTTPException(400, f"not an image: {filename} has a broken header ({exc})") from None
+    reason = memory_refusal((width, height), target)
+    if reason is not None:
+        raise HTTPException(422, f"image refused: {filename} is {reason}")
     if width * height > max_pixels:
         raise HTTPException(
             413,
@@ -127,6 +147,8 @@ def create_app(
     too_large = f"file too large: {{size}}; the limit is {_mb(max_bytes)} (--max-upload-mb)"
     # One inference at a time: torch already uses every core for a single image.
     lock = threading.Lock()
+    decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
+    target = predictor.preprocessing.resize_size
 
     app = FastAPI(title="inat-finetune", docs_url=None, redoc_url=None)
     app.add_middleware(_BodyLimit, limit=max_bytes + MULTIPART_OVERHEAD, message=too_large)
@@ -152,11 +174,9 @@ def create_app(
         data = file.file.read(max_bytes + 1)
         if len(data) > max_bytes:
             raise HTTPException(413, too_large.format(size="over " + _mb(max_bytes)))
-        width, height = check_upload(data, name, max_pixels)
-        try:
-            batch = predictor.load(io.BytesIO(data)).unsqueeze(0)
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise HTTPException(400, f"not an image: {name} could not be decoded ({exc})") from None
+        width, height = check_upload(data, name, max_pixels, target)
+        with decode_slots:
+            batch = _decode(predictor, data, name)
         with lock:
             top = predictor.top(predictor.logits(batch), top_k)[0]
         return {
@@ -169,6 +189,20 @@ def create_app(
     return app
 
 
+def _decode(predictor: Predictor, data: bytes, name: str) -> Any:
+    """The upload as a batch of one; a refusal is 422, a decode failure 400, never a 500."""
+    try:
+        return predictor.load(io.BytesIO(data)).unsqueeze(0)
+    except ImageRefused as exc:
+        raise HTTPException(422, f"image refused: {name} is {exc.reason}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise HTTPException(400, f"not an image: {name} could not be decoded ({exc})") from None
+    except (RuntimeError, MemoryError) as exc:  # torch's failed allocations are RuntimeErrors
+        raise HTTPException(
+            422, f"image refused: {name} could not be processed ({type(exc).__name__})"
+        ) from None
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -178,6 +212,59 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_port(port: int) -> None:
+    if not 0 <= port <= MAX_PORT:
+        raise UserError(f"--port {port}: not a TCP port; pass 1 to {MAX_PORT} (0: any free port)")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host``:``port``, ready for uvicorn; UserError naming the option if
+    the port is invalid or taken or the host is not an address of this machine."""
+    check_port(port)
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise UserError(
+            f"--host {host}: not an address this machine can bind ({exc}); "
+            "pass 127.0.0.1, or 0.0.0.0 for every interface"
+        ) from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        # As uvicorn sets it: a restart is not refused while old connections linger.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise UserError(_bind_failure(host, port, exc)) from None
+    return sock
+
+
+def _bind_failure(host: str, port: int, exc: OSError) -> str:
+    import errno
+
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"--port {port}: {host}:{port} is already in use by another program; "
+            "stop it or pass another --port"
+        )
+    if exc.errno == errno.EACCES:
+        return f"--port {port}: permission denied (ports below 1024 need root); pass --port 7860"
+    return (
+        f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc}); "
+        "pass --host 127.0.0.1 and a free --port"
+    )
+
+
+def run_server(app: FastAPI, sock: socket.socket) -> None:
+    """Serve ``app`` on the already bound ``sock`` with uvicorn until interrupted."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info"))
+    server.run(sockets=[sock])
+
+
 def serve(
     ckpt: str | Path,
     host: str = "127.0.0.1",
@@ -185,11 +272,14 @@ def serve(
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
 ) -> None:
-    """Run the app with uvicorn until interrupted."""
-    import uvicorn
-
-    app = create_app(ckpt, max_upload_mb, max_megapixels)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    """Run the app until interrupted (the library's entry point; the CLI announces more)."""
+    sock = bind(host, port)
+    try:
+        app = create_app(ckpt, max_upload_mb, max_megapixels)
+    except BaseException:
+        sock.close()
+        raise
+    run_server(app, sock)
 
 
 def _page(predictor: Predictor, max_bytes: int, top_k: int) -> str:
