@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import write_image
+from conftest import write_image, write_tall_png
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -120,3 +120,33 @@ def test_cli_check_data(nature_like):
 
     missing = runner.invoke(app, ["check-data", str(nature_like / "nope")])
     assert missing.exit_code == 2 and "no such directory" in missing.output
+
+
+@pytest.mark.timeout(60)
+def test_refused_images_are_listed_with_their_limit_not_counted(nature_like, named_pipe):
+    """A 4 x 20,000,000 px PNG (146 KB, ~80 GB once resized) and a named pipe called x.jpg:
+    neither is counted as a readable image, both are listed with why, nothing hangs."""
+    base = nature_like / "inaturalist_12K"
+    write_tall_png(base / "train/Aves/tall.png")
+    named_pipe(base / "val/Fungi/x.jpg")
+    report = check_data(nature_like)
+    assert report.counts == {
+        "train": {"Amphibia": 6, "Aves": 6, "Fungi": 6},
+        "val": {"Amphibia": 2, "Aves": 2, "Fungi": 2},
+    }
+    reasons = {u.path: u.reason for u in report.unreadable}
+    assert reasons["train/Aves/tall.png"].startswith(
+        "over the image memory budget (4 x 20,000,000 px is 1:5,000,000; the limit is 1:50"
+    )
+    assert reasons["val/Fungi/x.jpg"] == "not a regular file (named pipe)"
+    assert report.warnings == [
+        "2 files are refused without decoding (over the pixel limit or the image memory "
+        "budget, or not a regular file) and will be skipped"
+    ]
+    assert named_pipe.opened == []
+
+    result = CliRunner().invoke(app, ["check-data", str(nature_like)])
+    assert result.exit_code == 0, result.output
+    assert "refused: train/Aves/tall.png: over the image memory budget" in result.output
+    assert "refused: val/Fungi/x.jpg: not a regular file (named pipe)" in result.output
+    assert "ok, 1 warning(s)" in result.output  # usable data, with the refusals reported

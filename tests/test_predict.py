@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HYMENOPTERA, require_shared, write_image
+from conftest import HYMENOPTERA, require_shared, write_image, write_tall_png
 from typer.testing import CliRunner
 
+from inat_finetune import predict
 from inat_finetune.cli import app
 from inat_finetune.config import load_config
 from inat_finetune.evaluation import evaluate
+from inat_finetune.models import get_model
 from inat_finetune.predict import Predictor, predict_paths, write_csv, write_json
 from inat_finetune.training import train
 
@@ -34,6 +36,18 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         output=str(tmp_path_factory.mktemp("runs")),
     )
     return train(cfg, progress=False).run_dir
+
+
+@pytest.fixture(scope="module")
+def small_predictor() -> Predictor:
+    """mobilenet_v2 with random weights and two classes at 64 px: no training, no download."""
+    built = get_model("mobilenet_v2", num_classes=2, weights=None)
+    card = {
+        "backbone": "mobilenet_v2",
+        "class_names": ["ants", "bees"],
+        "preprocessing": built.preprocessing.at_size(64).to_dict(),
+    }
+    return Predictor(built.model, card, precision="32-true")
 
 
 def test_predict_accuracy_equals_evaluate(trained_run: Path) -> None:
@@ -134,3 +148,62 @@ def test_cli_predict_prints_a_table_and_writes_files(trained_run: Path, tmp_path
     bad = CliRunner().invoke(app, ["predict", str(tmp_path / "no_run"), str(photos[0])])
     assert bad.exit_code == 2
     assert "no such checkpoint file or run directory" in bad.output
+
+
+def test_a_too_tall_image_is_skipped_and_its_batch_still_predicted(
+    small_predictor: Predictor, tmp_path: Path
+) -> None:
+    """4 x 20,000,000 px: 146 KB, under the pixel limit, ~80 GB once its short side is resized
+    to 73 px. Refused from its header; the good images of the same batch are predicted."""
+    folder = tmp_path / "photos"
+    good = [write_image(folder / "a.png", 1), write_image(folder / "c.jpg", 2)]
+    write_tall_png(folder / "b_tall.png")
+    report = predict_paths(small_predictor, [folder], batch_size=32, progress=False)
+    assert [p.path for p in report.predictions] == [str(path) for path in good]
+    assert [(s.path, s.reason) for s in report.skipped] == [
+        (
+            str(folder / "b_tall.png"),
+            "over the image memory budget (4 x 20,000,000 px is 1:5,000,000; the limit is 1:50 "
+            "long side to short side, which keeps resizing it under 1 GiB)",
+        )
+    ]
+
+
+@pytest.mark.timeout(60)
+def test_named_pipes_are_skipped_without_being_opened(
+    small_predictor: Predictor, tmp_path: Path, named_pipe
+) -> None:
+    """A named pipe called x.jpg, in a folder and named on the command line: opening it would
+    wait forever for a writer (the watchdog frees such a reader and records it)."""
+    folder = tmp_path / "photos"
+    good = write_image(folder / "a.png", 1)
+    in_folder = named_pipe(folder / "x.jpg")
+    given = named_pipe(tmp_path / "y.jpg")
+    report = predict_paths(small_predictor, [folder, given], progress=False)
+    assert [p.path for p in report.predictions] == [str(good)]
+    assert {s.path: s.reason for s in report.skipped} == {
+        str(in_folder): "not a regular file (named pipe)",
+        str(given): "not a regular file (named pipe)",
+    }
+    assert named_pipe.opened == []
+
+
+def test_a_file_gone_between_listing_and_reading_is_skipped_alone(
+    small_predictor: Predictor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "photos"
+    good = [write_image(folder / "a.png", 1), write_image(folder / "c.png", 3)]
+    doomed = write_image(folder / "b.png", 2)
+    listed = predict.collect_images
+
+    def list_then_delete(paths):
+        found = listed(paths)
+        doomed.unlink()  # another program removes it after the folder was listed
+        return found
+
+    monkeypatch.setattr(predict, "collect_images", list_then_delete)
+    report = predict_paths(small_predictor, [folder], progress=False)
+    assert [p.path for p in report.predictions] == [str(path) for path in good]
+    assert [(s.path, s.reason) for s in report.skipped] == [
+        (str(doomed), "vanished (no such file when it was read)")
+    ]

@@ -8,26 +8,33 @@ photos without training and the page has five bars to draw.
 from __future__ import annotations
 
 import base64
+import json
 import shutil
 import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import HYMENOPTERA, require_shared
+from conftest import HYMENOPTERA, require_shared, write_tall_png
 from fastapi.testclient import TestClient
 from torch import nn
+from typer.testing import CliRunner
 
+from inat_finetune import serve as serve_module
+from inat_finetune.cli import app as cli_app
 from inat_finetune.models import get_model
 from inat_finetune.predict import Predictor, predict_paths
-from inat_finetune.serve import create_app, is_loopback, serve
+from inat_finetune.serve import DECODE_SLOTS, create_app, is_loopback
 from inat_finetune.training import CARD_KEY
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -184,17 +191,125 @@ def test_api_refuses_decompression_bombs_before_decoding(client: TestClient) -> 
     assert huge.json()["detail"].startswith("image too large: huge.png")
 
 
-def test_page_is_self_contained_and_binds_to_loopback(client: TestClient) -> None:
+TALL_REFUSAL = (
+    "image refused: tall.png is over the image memory budget (4 x 20,000,000 px is 1:5,000,000; "
+    "the limit is 1:50 long side to short side, which keeps resizing it under 1 GiB)"
+)
+
+
+@pytest.fixture(scope="module")
+def tall_pngs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    """146 KB and 73 KB PNGs of 4 x 20,000,000 and 4 x 10,000,000 px (the second is within
+    the 40-megapixel limit): resized to 232 px they would take hundreds of GB."""
+    folder = tmp_path_factory.mktemp("tall")
+    return {
+        "tall.png": write_tall_png(folder / "tall.png", 4, 20_000_000).read_bytes(),
+        "within_pixels.png": write_tall_png(folder / "w.png", 4, 10_000_000).read_bytes(),
+    }
+
+
+def test_api_refuses_too_tall_images_with_422(client: TestClient, tall_pngs) -> None:
+    response = client.post("/api/predict", files={"file": ("tall.png", tall_pngs["tall.png"])})
+    assert response.status_code == 422
+    assert response.json() == {"detail": TALL_REFUSAL}
+    data = tall_pngs["within_pixels.png"]
+    within = client.post("/api/predict", files={"file": ("within_pixels.png", data)})
+    assert within.status_code == 422
+    assert within.json()["detail"].startswith(
+        "image refused: within_pixels.png is over the image memory budget (4 x 10,000,000 px"
+    )
+
+
+def test_uploads_are_decoded_a_bounded_number_at_a_time(
+    predictor: Predictor, ant_photo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eight uploads at once: at most DECODE_SLOTS decode together, and all are answered."""
+    active, most = 0, 0
+    count = threading.Lock()
+    real_load = predictor.load
+
+    def slow_load(source):
+        nonlocal active, most
+        with count:
+            active += 1
+            most = max(most, active)
+        try:
+            time.sleep(0.3)  # long enough for the other requests to arrive meanwhile
+            return real_load(source)
+        finally:
+            with count:
+                active -= 1
+
+    monkeypatch.setattr(predictor, "load", slow_load)
+    client = TestClient(create_app(predictor, max_upload_mb=MAX_UPLOAD_MB))
+    photo = ant_photo[0].read_bytes()
+
+    def upload(_: int) -> int:
+        return client.post("/api/predict", files={"file": ("a.jpg", photo)}).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(upload, range(8)))
+    assert codes == [200] * 8
+    assert most == DECODE_SLOTS  # reached (requests did overlap), never passed
+
+
+def test_page_is_self_contained(client: TestClient) -> None:
     page = client.get("/")
     assert page.status_code == 200
     assert '<input id="file" type="file"' in page.text
     # No CDN, web font or external script: the page must work without internet.
     assert "http://" not in page.text and "https://" not in page.text and "//cdn" not in page.text
-    import inspect
-
-    assert inspect.signature(serve).parameters["host"].default == "127.0.0.1"
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
+
+
+# --- the command line's serve ------------------------------------------------------------
+
+
+def test_cli_serve_binds_to_loopback_by_default_and_warns_otherwise(
+    predictor: Predictor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the command itself: the socket it hands to uvicorn, with uvicorn stubbed out."""
+    bound: list[tuple[str, int]] = []
+
+    def record(app, sock: socket.socket) -> None:
+        bound.append(sock.getsockname()[:2])
+        sock.close()
+
+    monkeypatch.setattr(serve_module, "run_server", record)
+    runner = CliRunner()
+    default = runner.invoke(cli_app, ["serve", predictor.checkpoint, "--port", "0"])
+    assert default.exit_code == 0, default.output
+    host, port = bound[0]
+    assert host == "127.0.0.1" and port > 0
+    assert f"serving on http://127.0.0.1:{port}/" in default.output
+    assert "warning" not in default.output
+
+    exposed = runner.invoke(
+        cli_app, ["serve", predictor.checkpoint, "--host", "0.0.0.0", "--port", "0"]
+    )
+    assert exposed.exit_code == 0, exposed.output
+    assert bound[1][0] == "0.0.0.0"
+    assert "warning: --host 0.0.0.0 is not loopback" in exposed.output
+
+
+def test_cli_serve_refuses_an_invalid_or_busy_port_in_one_line(predictor: Predictor) -> None:
+    runner = CliRunner()
+    invalid = runner.invoke(cli_app, ["serve", predictor.checkpoint, "--port", "99999"])
+    assert invalid.exit_code == 2
+    assert invalid.output.strip() == (
+        "error: --port 99999: not a TCP port; pass 1 to 65535 (0: any free port)"
+    )
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        busy = runner.invoke(cli_app, ["serve", predictor.checkpoint, "--port", str(port)])
+    assert busy.exit_code == 2
+    assert busy.output.strip() == (
+        f"error: --port {port}: 127.0.0.1:{port} is already in use by another program; "
+        "stop it or pass another --port"
+    )
 
 
 # --- the page in a real browser ----------------------------------------------------------
@@ -207,7 +322,9 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server_url(predictor: Predictor, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def server(
+    predictor: Predictor, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, subprocess.Popen]]:
     """``inat-finetune serve`` itself, in a subprocess on a free loopback port."""
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "serve.log"
@@ -229,9 +346,59 @@ def server_url(predictor: Predictor, tmp_path_factory: pytest.TempPathFactory) -
                     break
         except OSError:
             time.sleep(0.2)
-    yield url
+    yield url, process
     process.terminate()
     process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server_url(server: tuple[str, subprocess.Popen]) -> str:
+    return server[0]
+
+
+def memory_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def post_file(url: str, name: str, data: bytes) -> tuple[int, dict]:
+    boundary = "tallimageboundary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    request = urllib.request.Request(
+        url, body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_server_refuses_too_tall_images_without_using_memory(server, tall_pngs) -> None:
+    """The issue's measure, on the real server process: its peak resident memory (VmHWM, reset
+    through clear_refs) stays under 200 MB above its idle size while it answers 422."""
+    url, process = server
+    clear_refs = Path(f"/proc/{process.pid}/clear_refs")
+    for name, data in tall_pngs.items():
+        try:
+            clear_refs.write_text("5")  # the peak starts again from the current size
+        except OSError as exc:
+            pytest.skip(f"cannot reset the peak memory of the server ({exc})")
+        idle = memory_kib(process.pid, "VmRSS")
+        status, body = post_file(url + "api/predict", name, data)
+        grown = memory_kib(process.pid, "VmHWM") - idle
+        assert status == 422, body
+        assert "the limit is 1:50" in body["detail"]
+        assert grown < 200 * 1024, f"{name}: peak {grown / 1024:.0f} MB above idle"
 
 
 @pytest.fixture(scope="module")
@@ -382,6 +549,6 @@ def test_cli_serve_reports_a_bad_checkpoint(tmp_path: Path) -> None:
 
     from inat_finetune.cli import app
 
-    result = CliRunner().invoke(app, ["serve", str(tmp_path / "missing.ckpt")])
+    result = CliRunner().invoke(app, ["serve", str(tmp_path / "missing.ckpt"), "--port", "0"])
     assert result.exit_code == 2
     assert "missing.ckpt: no such checkpoint file or run directory" in result.output
