@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 from inat_finetune import training
 from inat_finetune.cli import app
 from inat_finetune.config import load_config
-from inat_finetune.data import MAX_ASPECT_RATIO, DataSplit, FineTuneDataModule, make_split
+from inat_finetune.data import DataSplit, FineTuneDataModule, make_split
 from inat_finetune.errors import UserError, one_line
 from inat_finetune.evaluation import evaluate
 from inat_finetune.models import IMAGENET_PREPROCESSING
@@ -122,8 +122,8 @@ def test_too_elongated_images_are_skipped_and_counted_before_decoding(image_fold
     to the network's size would take ~80 GB: the scan refuses it from its header alone."""
     root = image_folder({"a": 4, "b": 4})
     write_tall_png(root / "a" / "tall.png")
-    write_image(root / "b" / "strip.png", 1, size=(7 * MAX_ASPECT_RATIO + 7, 7))  # 1:51
-    write_image(root / "b" / "banner.png", 2, size=(7 * MAX_ASPECT_RATIO, 7))  # 1:50 is kept
+    write_image(root / "b" / "strip.png", 1, size=(357, 7))  # 1:51, just over the 1:50 limit
+    write_image(root / "b" / "banner.png", 2, size=(350, 7))  # 1:50 is kept
     decoded: list[tuple[int, int]] = []
     real_load = ImageFile.ImageFile.load
 
