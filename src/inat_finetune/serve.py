@@ -213,6 +213,7 @@ def is_loopback(host: str) -> bool:
 
 
 def check_port(port: int) -> None:
+    """Refuse a ``--port`` outside TCP's range (0 asks the system for any free port)."""
     if not 0 <= port <= MAX_PORT:
         raise UserError(f"--port {port}: not a TCP port; pass 1 to {MAX_PORT} (0: any free port)")
 
@@ -261,25 +262,9 @@ def run_server(app: FastAPI, sock: socket.socket) -> None:
     """Serve ``app`` on the already bound ``sock`` with uvicorn until interrupted."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, log_level="info"))
+    host, port = sock.getsockname()[:2]  # for uvicorn's "running on" line; the socket decides
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
     server.run(sockets=[sock])
-
-
-def serve(
-    ckpt: str | Path,
-    host: str = "127.0.0.1",
-    port: int = 7860,
-    max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
-    max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
-) -> None:
-    """Run the app until interrupted (the library's entry point; the CLI announces more)."""
-    sock = bind(host, port)
-    try:
-        app = create_app(ckpt, max_upload_mb, max_megapixels)
-    except BaseException:
-        sock.close()
-        raise
-    run_server(app, sock)
 
 
 def _page(predictor: Predictor, max_bytes: int, top_k: int) -> str:
