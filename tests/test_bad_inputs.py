@@ -146,6 +146,27 @@ def test_too_elongated_images_are_skipped_and_counted_before_decoding(image_fold
     assert split.summary()["skipped_by_reason"] == {"over the image memory budget": 2}
 
 
+def test_train_and_prepare_skip_a_too_tall_image_and_say_so(image_folder, tmp_path):
+    """Before the guard, train cached 240 MB for this 146 KB file and crashed when the test
+    phase resized it; prepare stored it too."""
+    root = image_folder({"a": 5, "b": 5})
+    write_tall_png(root / "a" / "tall.png")
+    cfg = load_config(None, data=str(root), output=str(tmp_path / "runs"), **TINY)
+    result = train(cfg, progress=False)
+    assert result.results["skipped_files"] == 1
+    assert sum(result.results["num_images"].values()) == 10
+    dataset = json.loads((result.run_dir / "dataset.json").read_text())
+    assert dataset["skipped_by_reason"] == {"over the image memory budget": 1}
+
+    prepared = CliRunner().invoke(
+        app, ["prepare", "--data", str(root), "--size", "37", "--cache-dir", str(tmp_path / "c")]
+    )
+    assert prepared.exit_code == 0, prepared.output
+    text = " ".join(prepared.output.split())  # the log line may wrap
+    assert "Skipped 1 file (1 over the image memory budget)" in text
+    assert "10 images: 10 prepared" in text
+
+
 @pytest.mark.timeout(60)
 def test_named_pipes_and_devices_are_skipped_without_opening_them(image_folder, named_pipe):
     """A named pipe called x.jpg would block whoever opens it until a writer comes."""
