@@ -15,7 +15,11 @@ leaves out is added here:
 * ``AtomicCheckpointIO`` writes every checkpoint to a temporary file and renames it into place:
   a crash, a full disk or a kill mid-write leaves the previous checkpoint whole.
 * ``RunCSVLogger`` appends to ``metrics.csv`` on resume (Lightning's deletes it) and rewrites it
-  atomically.
+  atomically; ``ResumeState`` cuts it back to the checkpoint's rows when training restores the
+  checkpoint, not before, so a resume that stops earlier leaves it whole.
+* ``RelocatableCheckpoint`` (and ``BestAndLastCheckpoint``, built on it) reloads the best score
+  and best checkpoint from a run directory that was copied or moved since it was saved, where
+  Lightning would drop them and let a worse epoch overwrite ``best.ckpt``.
 """
 
 from __future__ import annotations

@@ -3,11 +3,22 @@
 The run directory is the whole truth: ``config.yaml`` says what is trained, ``split.json`` on
 which images, ``checkpoints/last.ckpt`` how far it got (see ``checkpointing`` for what a
 checkpoint holds). A run resumed on the same kind of machine ends with the same metrics as one
-that was never stopped.
+that was never stopped, also when its directory was copied or moved since: the best score and
+best checkpoint come back from its own files whatever its path.
 
 Options that say where and how the run executes may change on resume (``CHANGEABLE``), and
-``--epochs`` may grow, also to extend a finished run. Any other option given with a value that
-differs from ``config.yaml`` is refused: the result would no longer be the run it claims to be.
+``--epochs`` may grow, also to extend a finished run. ``--epochs N`` is the total: a finished
+run of 1 epoch resumed with ``--epochs 2`` trains one more; one that already trained N epochs
+is refused, as is N below the epoch a stopped run is in. Any other option given with a value
+that differs from ``config.yaml`` is refused: the result would no longer be the run it claims
+to be.
+
+A resume changes nothing in the run directory until it has passed every check (the options,
+the checkpoint, ``--epochs``) and found every image of the split still there and decodable;
+then ``config.yaml`` is rewritten and ``results.json`` removed just before training restarts,
+and ``metrics.csv`` is cut back to the checkpoint's rows when the checkpoint is restored. It
+holds the run's ``run.lock`` throughout (``runlock``): a second resume of the same run, or one
+of a run still training, is refused with a line naming the process that holds it.
 """
 
 from __future__ import annotations

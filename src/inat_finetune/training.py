@@ -12,6 +12,12 @@ accuracy, test that checkpoint, and write everything to a fresh run directory:
         checkpoints/       best.ckpt (by val accuracy) and last.ckpt, self-describing
         results.json       test accuracy of best.ckpt, per-class accuracy, parameter counts, times
         test_predictions.csv  per test image: path, true and predicted class, probabilities
+        run.lock           while the run trains: held by its process (runlock), then removed
+
+results.json agrees with best.ckpt: ``best_epoch`` is the epoch best.ckpt holds, the first with
+the highest val/acc in metrics.csv, ``best_val_acc`` that value, ``test_acc`` best.ckpt's on the
+test split. A resumed run (``run_dir`` given) writes its files only once its model, data and
+caches are ready, right before training restarts (see ``resume``).
 """
 
 from __future__ import annotations
