@@ -425,6 +425,15 @@ def test_only_how_and_where_options_may_change(copied_run):
     assert result.exit_code == 2 and "not a run directory" in result.output
 
 
+def test_epochs_below_those_a_stopped_run_reached_are_refused(copied_run):
+    """A run stopped after 2 of its 2 epochs (results.json not yet written): --epochs 1 would
+    describe a run that never existed."""
+    before = _snapshot(copied_run)
+    with pytest.raises(UserError, match=r"--epochs 1: the run is already in epoch 2; pass"):
+        resume_run(copied_run, {"epochs": 1}, progress=False)
+    assert _snapshot(copied_run) == before
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
