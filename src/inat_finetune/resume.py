@@ -110,23 +110,31 @@ def check_checkpoint_fits(
         )
 
 
-def check_images(split: DataSplit, progress: bool = False) -> None:
-    """Every image of the split is still there and still decodes, or a one-line UserError."""
+def _listed_images(split: DataSplit) -> list[Path]:
     root = Path(split.root)
-    listed = [
+    return [
         root / rel
         for part in (split.train, split.val, split.test)
         for files in part.values()
         for rel in files
     ]
-    missing = [path for path in listed if not path.is_file()]
+
+
+def check_images_present(split: DataSplit) -> None:
+    """Every image of the split is still there (cheap: checked before the checkpoint is read)."""
+    root = Path(split.root)
+    missing = [path for path in _listed_images(split) if not path.is_file()]
     if missing:
         raise UserError(
             f"{root}: {len(missing)} image(s) listed in split.json are missing (first: "
             f"{missing[0].relative_to(root).as_posix()}); put the dataset back where it was to "
             "resume this run"
         )
-    unusable = unusable_images(listed, progress=progress)
+
+
+def check_images_decode(split: DataSplit, progress: bool = False) -> None:
+    """Every image of the split still decodes (the scan's check, last: it reads every file)."""
+    unusable = unusable_images(_listed_images(split), progress=progress)
     if unusable:
         path, why = unusable[0]
         raise UserError(
@@ -182,12 +190,13 @@ def _resume_locked(run_dir: Path, options: dict[str, Any], progress: bool) -> An
 
     config = resume_config(run_dir, options)
     split = DataSplit.load(run_dir / "split.json")
+    check_images_present(split)
     last = run_dir / "checkpoints" / "last.ckpt"
     checkpoint = read_checkpoint(last) if last.is_file() else None
     if checkpoint is not None:
         check_checkpoint_fits(last, checkpoint, config, split.classes)
         check_epochs(run_dir, config, epochs_started(checkpoint), options.get("epochs") is not None)
-    check_images(split, progress)
+    check_images_decode(split, progress)
     # Every check has passed: from here on the run directory may change. (metrics.csv is cut
     # back to the checkpoint's rows when training restores it: checkpointing.ResumeState.)
     _remove_stale_temporaries(run_dir)
