@@ -228,13 +228,15 @@ def test_extending_a_finished_run_equals_training_longer(
     cfg = load_config(None, data=str(data), output=str(tmp_path), run_name="r", **one_epoch)
     run = train(cfg, progress=False, report=False).run_dir
     for options in ({}, {"epochs": 1}):
-        with pytest.raises(UserError, match=r"already finished, after 1 epoch\(s\) of its 1; "):
+        with pytest.raises(
+            UserError, match=r"already finished after 1 epoch\(s\); --epochs is the total"
+        ):
             resume_run(run, options, progress=False)
     (run / "run.lock").write_text("999999999\n")  # left by a process that died: no obstacle
     resume_run(run, {"epochs": 2}, progress=False)
     _same_run(run, uninterrupted)
     assert not (run / "run.lock").exists()
-    with pytest.raises(UserError, match=r"after 2 epoch\(s\) of its 2; .* N > 2 to train"):
+    with pytest.raises(UserError, match=r"after 2 epoch\(s\); .* --epochs N with N > 2 to train"):
         resume_run(run, {"epochs": 2}, progress=False)
 
 

@@ -149,9 +149,9 @@ def check_epochs(run_dir: Path, config: TrainConfig, started: int, extend: bool)
     finished = (run_dir / "results.json").is_file()
     if finished and (not extend or config.epochs <= started):
         raise UserError(
-            f"--resume {run_dir}: this run already finished, after {started} epoch(s) of its "
-            f"{config.epochs}; --epochs is the total, so pass --epochs N with N > {started} to "
-            "train it further, or start a new run"
+            f"--resume {run_dir}: this run already finished after {started} epoch(s); --epochs "
+            f"is the total, so pass --epochs N with N > {started} to train it further, or start "
+            "a new run"
         )
     if config.epochs < started:
         raise UserError(
