@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import errno
 import io
+import os
 import random
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from typer.testing import CliRunner
 
 from inat_finetune.checkpointing import (
     AtomicCheckpointIO,
+    BestAndLastCheckpoint,
     RunCSVLogger,
     capture_rng,
     keep_metrics_rows,
@@ -25,6 +28,7 @@ from inat_finetune.checkpointing import (
 from inat_finetune.cli import app
 from inat_finetune.config import load_config
 from inat_finetune.errors import UserError
+from inat_finetune.runlock import run_lock
 from inat_finetune.sampling import ResumableLoader
 from inat_finetune.training import train
 
@@ -169,6 +173,42 @@ def test_metrics_csv_is_cut_back_then_appended_to(tmp_path):
         "2,14,0.75",
     ]
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]
+
+
+def test_logger_keeps_only_the_rows_its_checkpoint_knew_of(tmp_path):
+    metrics = tmp_path / "metrics.csv"
+    metrics.write_text("epoch,step,val/acc\n0,4,0.5\n1,9,0.6\n")
+    writer = RunCSVLogger(save_dir=tmp_path, name="", version="").experiment
+    writer.keep_rows(2)  # nothing after the checkpoint: the file is left alone
+    assert metrics.read_text() == "epoch,step,val/acc\n0,4,0.5\n1,9,0.6\n"
+    writer.keep_rows(1)
+    assert writer.row_count == 1 and metrics.read_text().splitlines()[1:] == ["0,4,0.5"]
+
+
+def test_checkpoint_state_follows_a_moved_run_directory(tmp_path):
+    old, new = tmp_path / "old" / "checkpoints", tmp_path / "new" / "checkpoints"
+    saved = BestAndLastCheckpoint(dirpath=old, monitor="val/acc", mode="max", save_last=True)
+    saved.best_model_score = torch.tensor(0.5)
+    saved.best_model_path = saved.kth_best_model_path = str(old / "best.ckpt")
+    saved.best_k_models = {str(old / "best.ckpt"): torch.tensor(0.5)}
+    saved.last_model_path = str(old / "last.ckpt")
+    moved = BestAndLastCheckpoint(dirpath=new, monitor="val/acc", mode="max", save_last=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Lightning warns when it drops the state
+        moved.load_state_dict(saved.state_dict())
+    assert moved.best_model_score == torch.tensor(0.5)
+    assert moved.best_model_path == moved.kth_best_model_path == str(new / "best.ckpt")
+    assert moved.best_k_models == {str(new / "best.ckpt"): torch.tensor(0.5)}
+    assert moved.last_model_path == str(new / "last.ckpt")
+
+
+def test_run_lock_is_reentrant_in_a_process_and_removed_on_release(tmp_path):
+    with run_lock(tmp_path):
+        assert (tmp_path / "run.lock").read_text() == f"{os.getpid()}\n"
+        with run_lock(tmp_path):  # resume_run holds it and calls train, which asks again
+            pass
+        assert (tmp_path / "run.lock").is_file()
+    assert not (tmp_path / "run.lock").exists()
 
 
 class _Draws(Dataset):

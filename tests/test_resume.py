@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, make_class_folders
+from lightning.pytorch.callbacks import Callback
 from typer.testing import CliRunner
 
 from inat_finetune import training
@@ -21,6 +23,7 @@ from inat_finetune.checkpointing import read_checkpoint
 from inat_finetune.cli import app
 from inat_finetune.config import load_config
 from inat_finetune.errors import UserError
+from inat_finetune.evaluation import evaluate
 from inat_finetune.resume import resume_config, resume_run, resumed_wandb_run
 from inat_finetune.training import CARD_KEY, train
 
@@ -79,9 +82,17 @@ def _same_run(a: Path, b: Path) -> None:
     }
     for name in ("metrics.csv", "test_predictions.csv"):
         assert (a / name).read_text() == (b / name).read_text(), name
-    wa, wb = (read_checkpoint(r / "checkpoints" / "last.ckpt")["state_dict"] for r in (a, b))
-    assert wa.keys() == wb.keys()
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    for name in ("last.ckpt", "best.ckpt"):
+        wa, wb = (_weights(r / "checkpoints" / name) for r in (a, b))
+        assert wa.keys() == wb.keys()
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+
+
+def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The state dict less the training metrics' running sums: a last.ckpt written when training
+    ends holds them reset, one written after the last validation not yet."""
+    state = read_checkpoint(checkpoint)["state_dict"]
+    return {k: v for k, v in state.items() if not k.startswith(("train_acc.", "train_loss."))}
 
 
 @pytest.fixture(scope="module")
@@ -206,33 +217,191 @@ def test_sigterm_saves_the_current_step_and_resume_matches(
     assert cache["feature_cache"].startswith(cache_summary)
 
 
-def test_extending_a_finished_run_equals_training_longer(data, uninterrupted, tmp_path):
-    cfg = load_config(
-        None, data=str(data), output=str(tmp_path), run_name="r", **{**OPTIONS, "epochs": 1}
-    )
+# With the default checkpointing (every 10 minutes) a short run's last.ckpt is written when
+# training ends, with Lightning's epoch counter at N; with checkpoint_steps, after the last
+# validation, with it at N - 1. --epochs is the total either way.
+@pytest.mark.parametrize("checkpoint_steps", [2, None], ids=["after-validation", "at-train-end"])
+def test_extending_a_finished_run_equals_training_longer(
+    checkpoint_steps, data, uninterrupted, tmp_path
+):
+    one_epoch = {**OPTIONS, "epochs": 1, "checkpoint_steps": checkpoint_steps}
+    cfg = load_config(None, data=str(data), output=str(tmp_path), run_name="r", **one_epoch)
     run = train(cfg, progress=False, report=False).run_dir
-    with pytest.raises(UserError, match=r"already finished its 1 epochs; pass --epochs N"):
-        resume_run(run, {}, progress=False)
+    for options in ({}, {"epochs": 1}):
+        with pytest.raises(
+            UserError, match=r"already finished after 1 epoch\(s\); --epochs is the total"
+        ):
+            resume_run(run, options, progress=False)
+    (run / "run.lock").write_text("999999999\n")  # left by a process that died: no obstacle
     resume_run(run, {"epochs": 2}, progress=False)
     _same_run(run, uninterrupted)
+    assert not (run / "run.lock").exists()
+    with pytest.raises(UserError, match=r"after 2 epoch\(s\); .* --epochs N with N > 2 to train"):
+        resume_run(run, {"epochs": 2}, progress=False)
 
 
-def test_resume_before_the_first_checkpoint_starts_over(uninterrupted, tmp_path, monkeypatch):
+def test_resume_before_the_first_checkpoint_starts_over(uninterrupted, tmp_path):
+    """Killed before its first checkpoint: resumed for real, it is the uninterrupted run."""
     run = tmp_path / "run"
     run.mkdir()
     for name in ("config.yaml", "split.json"):
         shutil.copy(uninterrupted / name, run / name)
     (run / "metrics.csv").write_text("epoch,step\n0,1\n")  # a row from the lost attempt
     (run / ".results.json.x1y2.tmp").write_text("{")  # a write the kill cut short
-    calls = []
-    monkeypatch.setattr(training, "train", lambda *args, **kwargs: calls.append(kwargs))
     resume_run(run, {}, progress=False)
-    # The same config and split into the same directory, from the start (a fixed seed makes
-    # that the uninterrupted run: test_training.test_same_seed_gives_same_results).
-    (call,) = calls
-    assert call["run_dir"] == run and call["ckpt_path"] is None
-    assert call["split"].train == json.loads((run / "split.json").read_text())["train"]
-    assert not (run / "metrics.csv").exists() and not list(run.glob("*.tmp"))
+    # The same config and split into the same directory, from the start: a fixed seed makes
+    # that the uninterrupted run, to the last row of metrics.csv and the last weight.
+    _same_run(run, uninterrupted)
+    assert not list(run.glob(".*.tmp"))
+
+
+# A learning rate this high makes the later epochs worse on this data: the best epoch (0) is not
+# the last one, so best.ckpt, best_epoch and best_val_acc must come from the run's records, not
+# from whichever epoch came last. Default checkpointing: last.ckpt is written when training ends.
+HIGH_LR = dict(OPTIONS, lr=0.05, epochs=3, checkpoint_steps=None)
+
+
+@pytest.fixture(scope="module")
+def high_lr_uninterrupted(data, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("high_lr")
+    cfg = load_config(None, data=str(data), output=str(output), run_name="r", **HIGH_LR)
+    return train(cfg, progress=False, report=False).run_dir
+
+
+def _val_accuracies(run: Path) -> dict[int, float]:
+    with (run / "metrics.csv").open(newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("val/acc")]
+    return {int(row["epoch"]): float(row["val/acc"]) for row in rows}
+
+
+def _assert_results_agree_with_best_ckpt(run: Path) -> None:
+    """results.json, metrics.csv and best.ckpt describe the same epoch and the same model."""
+    results = json.loads((run / "results.json").read_text())
+    val = _val_accuracies(run)
+    best_epoch = results["best_epoch"]
+    assert results["best_val_acc"] == max(val.values()) == val[best_epoch]
+    assert min(e for e, acc in val.items() if acc == max(val.values())) == best_epoch
+    assert read_checkpoint(run / "checkpoints" / "best.ckpt")["epoch"] == best_epoch
+    assert results["checkpoint"] == "checkpoints/best.ckpt"
+    rescored = evaluate(run, num_workers=0, accelerator="cpu", precision="32-true", progress=False)
+    assert rescored["test_acc"] == results["test_acc"]
+    assert rescored["test_loss"] == pytest.approx(results["test_loss"], rel=1e-5)
+
+
+def test_results_agree_with_best_ckpt_when_the_best_epoch_is_not_the_last(
+    high_lr_uninterrupted,
+):
+    results = json.loads((high_lr_uninterrupted / "results.json").read_text())
+    assert results["epochs"] == 3 and results["best_epoch"] != 2  # the precondition
+    _assert_results_agree_with_best_ckpt(high_lr_uninterrupted)
+
+
+def test_a_copied_or_moved_run_resumes_like_the_one_left_in_place(
+    data, high_lr_uninterrupted, tmp_path
+):
+    one_epoch = {**HIGH_LR, "epochs": 1}
+    cfg = load_config(
+        None, data=str(data), output=str(tmp_path / "runs"), run_name="r", **one_epoch
+    )
+    in_place = train(cfg, progress=False, report=False).run_dir
+    copied = tmp_path / "elsewhere" / "copied"
+    shutil.copytree(in_place, copied)
+    shutil.copytree(in_place, tmp_path / "before-the-move")
+    moved = (tmp_path / "before-the-move").rename(tmp_path / "moved")
+    # The copies first, while the original still holds the best.ckpt their state names.
+    for run in (copied, moved, in_place):
+        result = CliRunner().invoke(app, ["train", "--resume", str(run), "--epochs", "3"])
+        assert result.exit_code == 0, result.output
+        _same_run(run, high_lr_uninterrupted)
+        _assert_results_agree_with_best_ckpt(run)
+
+
+def _snapshot(run: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(run).as_posix(): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()
+    }
+
+
+def test_a_resume_that_fails_its_checks_leaves_the_run_as_it_was(image_folder, tmp_path):
+    data = image_folder({"ant": 6, "bee": 6})
+    cfg = load_config(
+        None, data=str(data), output=str(tmp_path / "runs"), **{**OPTIONS, "epochs": 1}
+    )
+    run = train(cfg, progress=False, report=False).run_dir
+    before = _snapshot(run)
+    split = json.loads((run / "split.json").read_text())
+    image = data / next(iter(split["train"].values()))[0]
+    image.write_bytes(image.read_bytes()[:300])  # replaced by a truncated JPEG
+    result = CliRunner().invoke(app, ["train", "--resume", str(run), "--epochs", "2"])
+    assert result.exit_code == 2, result.output
+    assert _snapshot(run) == before  # config.yaml, metrics.csv, results.json, checkpoints, ...
+    line = " ".join(result.output.split())
+    assert f"{image}: does not decode" in line and "put the original file back" in line
+    assert "Traceback" not in result.output
+
+
+# A second process holding a run's lock the way runlock does: flock on run.lock, its pid inside.
+HOLD_LOCK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, str(os.getpid()).encode())
+print("held", flush=True)
+sys.stdin.read()
+"""
+# Exit status 1 if another process holds the lock, else 0.
+PROBE_LOCK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+except BlockingIOError:
+    sys.exit(1)
+"""
+
+
+def test_a_run_in_use_by_another_process_is_refused(copied_run):
+    before = _snapshot(copied_run)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(copied_run / "run.lock")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        result = CliRunner().invoke(app, ["train", "--resume", str(copied_run)])
+        assert result.exit_code == 2, result.output
+        line = " ".join(result.output.split())
+        assert f"{copied_run}: in use by process {holder.pid} (it holds run.lock)" in line
+        assert {k: v for k, v in _snapshot(copied_run).items() if k != "run.lock"} == before
+    finally:
+        holder.communicate("")  # the holder exits: the kernel drops its lock
+    resume_run(copied_run, {}, progress=False)  # its run.lock, left behind, is no obstacle
+    assert (copied_run / "results.json").is_file() and not (copied_run / "run.lock").exists()
+
+
+class _ProbeLock(Callback):
+    """Checks from another process, while the run trains, that its lock is held and by whom."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, str]] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        lock = Path(trainer.default_root_dir) / "run.lock"
+        probe = subprocess.run([sys.executable, "-c", PROBE_LOCK, str(lock)], check=False)
+        self.seen.append((probe.returncode, lock.read_text().strip()))
+
+
+def test_a_training_run_holds_its_lock_while_it_runs(image_folder, tmp_path):
+    data = image_folder({"ant": 6, "bee": 6})
+    cfg = load_config(
+        None, data=str(data), output=str(tmp_path / "runs"), **{**OPTIONS, "epochs": 1}
+    )
+    probe = _ProbeLock()
+    run = training.train(cfg, progress=False, report=False, callbacks=[probe]).run_dir
+    assert probe.seen == [(1, str(os.getpid()))]
+    assert not (run / "run.lock").exists()
 
 
 @pytest.fixture
@@ -256,6 +425,15 @@ def test_only_how_and_where_options_may_change(copied_run):
     assert "--seed 1 differs from the run's seed=7" in " ".join(result.output.split())
     result = CliRunner().invoke(app, ["train", "--resume", str(copied_run.parent)])
     assert result.exit_code == 2 and "not a run directory" in result.output
+
+
+def test_epochs_below_those_a_stopped_run_reached_are_refused(copied_run):
+    """A run stopped after 2 of its 2 epochs (results.json not yet written): --epochs 1 would
+    describe a run that never existed."""
+    before = _snapshot(copied_run)
+    with pytest.raises(UserError, match=r"--epochs 1: the run is already in epoch 2; pass"):
+        resume_run(copied_run, {"epochs": 1}, progress=False)
+    assert _snapshot(copied_run) == before
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,11 @@ leaves out is added here:
 * ``AtomicCheckpointIO`` writes every checkpoint to a temporary file and renames it into place:
   a crash, a full disk or a kill mid-write leaves the previous checkpoint whole.
 * ``RunCSVLogger`` appends to ``metrics.csv`` on resume (Lightning's deletes it) and rewrites it
-  atomically.
+  atomically; ``ResumeState`` cuts it back to the checkpoint's rows when training restores the
+  checkpoint, not before, so a resume that stops earlier leaves it whole.
+* ``RelocatableCheckpoint`` (and ``BestAndLastCheckpoint``, built on it) reloads the best score
+  and best checkpoint from a run directory that was copied or moved since it was saved, where
+  Lightning would drop them and let a worse epoch overwrite ``best.ckpt``.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.trainer.states import TrainerFn
 
 from inat_finetune.errors import UserError
 from inat_finetune.runfiles import atomic_write, write_text_atomic
@@ -65,6 +70,19 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     if not isinstance(checkpoint, dict):
         raise UserError(f"{path}: not a Lightning checkpoint (holds a {type(checkpoint).__name__})")
     return checkpoint
+
+
+def epochs_started(checkpoint: dict[str, Any]) -> int:
+    """How many epochs a checkpoint's run had begun: for a finished run, the epochs it trained.
+
+    Not the checkpoint's ``epoch``: Lightning stores the epoch counter, which a checkpoint
+    written after the last validation holds at N - 1 and one written when training ends at N.
+    """
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
+    started = progress.get("current", {}).get("started")
+    if isinstance(started, int):
+        return started
+    return int(checkpoint.get("epoch", 0)) + 1
 
 
 def _first_line(exc: BaseException) -> str:
@@ -161,7 +179,16 @@ class ResumeState(Callback):
     def on_load_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        self._pending_rng = checkpoint.get(RESUME_KEY, {}).get("rng")
+        saved = checkpoint.get(RESUME_KEY, {})
+        self._pending_rng = saved.get("rng")
+        # metrics.csv is cut back to the checkpoint's rows only now, when the run is restored
+        # and training follows: a resume refused or failing before this leaves the file whole.
+        # (Lightning calls this hook when testing from a checkpoint too: nothing is cut then.)
+        rows = saved.get("metrics_rows")
+        if trainer.state.fn == TrainerFn.FITTING and rows is not None:
+            for logger in trainer.loggers:
+                if isinstance(logger, RunCSVLogger):
+                    logger.experiment.keep_rows(int(rows))
         fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
         self._pending_loader = fit_loop.get("state_dict", {}).get("combined_loader", [])
 
@@ -226,7 +253,42 @@ class StopOnNonFiniteLoss(Callback):
         )
 
 
-class BestAndLastCheckpoint(ModelCheckpoint):
+class RelocatableCheckpoint(ModelCheckpoint):
+    """A ModelCheckpoint whose saved state follows its run directory when that is moved.
+
+    Lightning (2.6) records the checkpoint folder's absolute path in the callback's state and,
+    when a run is resumed from another path (the run directory was copied, moved or renamed),
+    drops the best score and keeps the best checkpoint's *old* path: the first resumed epoch
+    then counts as a new best however bad it is and overwrites ``best.ckpt``. Here the paths
+    the state names are taken relative to the folder it was saved in and put under this
+    callback's folder, and the best score, the best models and the last path are kept.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("dirpath")
+        if saved and self.dirpath and saved != self.dirpath:
+            state_dict = relocated_state(state_dict, Path(saved), Path(self.dirpath))
+        super().load_state_dict(state_dict)
+
+
+def relocated_state(state: dict[str, Any], saved: Path, current: Path) -> dict[str, Any]:
+    """``state`` with every path under the folder ``saved`` moved to the same place in ``current``."""
+
+    def move(path: Any) -> Any:
+        if not path or not Path(path).is_relative_to(saved):
+            return path
+        return str(current / Path(path).relative_to(saved))
+
+    moved = {**state, "dirpath": str(current)}
+    for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+        if key in moved:
+            moved[key] = move(moved[key])
+    if isinstance(moved.get("best_k_models"), dict):
+        moved["best_k_models"] = {move(k): v for k, v in moved["best_k_models"].items()}
+    return moved
+
+
+class BestAndLastCheckpoint(RelocatableCheckpoint):
     """``best.ckpt`` by the monitored metric, and ``last.ckpt`` at the end of *every* epoch.
 
     Lightning (2.6) writes ``last.ckpt`` at an epoch's end only when that epoch was a new best,
@@ -254,7 +316,7 @@ def periodic_last_checkpoint(
         return None
     # No version counter: the end-of-epoch checkpoint callback writes the same last.ckpt, and
     # each must replace it rather than start last-v1.ckpt.
-    return ModelCheckpoint(
+    return RelocatableCheckpoint(
         dirpath=dirpath, save_top_k=0, save_last=True, enable_version_counter=False, **trigger
     )
 
@@ -279,6 +341,12 @@ class _MetricsWriter(ExperimentWriter):
     @property
     def row_count(self) -> int:
         return len(self.rows)
+
+    def keep_rows(self, rows: int) -> None:
+        """Forget the rows after the first ``rows`` (logged after a checkpoint; logged again)."""
+        if rows < len(self.rows):
+            self.rows = self.rows[:rows]
+            keep_metrics_rows(Path(self.metrics_file_path), rows)
 
     def save(self) -> None:
         if not self.metrics:

@@ -311,6 +311,25 @@ def scan_class_folders(
     return by_class, skipped
 
 
+def unusable_images(paths: Sequence[Path], progress: bool = False) -> list[tuple[Path, str]]:
+    """The files of ``paths`` that the scan would now skip, each with why (its own check).
+
+    ``train --resume`` runs this over a run's split before it changes anything in the run.
+    """
+    with (
+        ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool,
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        checks = pool.map(_check_image, paths)
+        if progress:
+            from rich.progress import track
+
+            checks = track(checks, total=len(paths), description="Checking the run's images")
+        reasons = list(checks)
+    return [(path, why) for path, why in zip(paths, reasons, strict=True) if why is not None]
+
+
 def split_stratified(
     by_class: dict[str, list[str]], fraction: float, seed: int
 ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:

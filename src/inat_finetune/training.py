@@ -12,10 +12,17 @@ accuracy, test that checkpoint, and write everything to a fresh run directory:
         checkpoints/       best.ckpt (by val accuracy) and last.ckpt, self-describing
         results.json       test accuracy of best.ckpt, per-class accuracy, parameter counts, times
         test_predictions.csv  per test image: path, true and predicted class, probabilities
+        run.lock           while the run trains: held by its process (runlock), then removed
+
+results.json agrees with best.ckpt: ``best_epoch`` is the epoch best.ckpt holds, the first with
+the highest val/acc in metrics.csv, ``best_val_acc`` that value, ``test_acc`` best.ckpt's on the
+test split. A resumed run (``run_dir`` given) writes its files only once its model, data and
+caches are ready, right before training restarts (see ``resume``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import time
@@ -78,6 +85,7 @@ from inat_finetune.runfiles import (
     write_text_atomic,
     write_yaml_atomic,
 )
+from inat_finetune.runlock import run_lock
 from inat_finetune.stages import apply_start
 from inat_finetune.tta import tta_eval_transform, tta_logits
 
@@ -436,7 +444,7 @@ def train(
     """
     # On the CPU, freed memory is kept for reuse while the run lasts (allocator.py).
     keep = config.reuse_freed_memory and resolve_accelerator(config.accelerator) == "cpu"
-    with freed_memory_kept(keep) as allocator:
+    with freed_memory_kept(keep) as allocator, contextlib.ExitStack() as held:
         return _train(
             config,
             split,
@@ -447,6 +455,7 @@ def train(
             callbacks,
             share_features_with,
             allocator,
+            held,
         )
 
 
@@ -460,6 +469,7 @@ def _train(
     callbacks: list[Callback] | None,
     share_features_with: Sequence[str],
     allocator: str,
+    held: contextlib.ExitStack,
 ) -> RunResult:
     from inat_finetune.errors import UserError
     from inat_finetune.preflight import check_machine, preflight
@@ -494,6 +504,7 @@ def _train(
     plan, summary = plan_from_config(config, built.model, built.head, split)
     test_preprocessing = preprocessing.at_size(config.test_img_size)
 
+    resuming = run_dir is not None
     if run_dir is None:
         run_dir = shared_directory(
             lambda: new_run_dir(
@@ -502,9 +513,9 @@ def _train(
             world.processes,
         )
     if zero:
-        write_yaml_atomic(run_dir / "config.yaml", config.to_yaml_dict())
-        split.save(run_dir / "split.json")
-        write_json_atomic(run_dir / "dataset.json", split.summary())
+        held.enter_context(run_lock(run_dir))  # resume_run holds it already: re-entrant
+        if not resuming:
+            write_run_files(run_dir, config, split)
 
     precision = resolve_precision(config.precision, accelerator)
     channels_last = resolve_channels_last(config.channels_last, accelerator)
@@ -686,6 +697,9 @@ def _train(
             found = lr_find_before_training(config, trainer, module, datamodule, run_dir)
             if not found["applied"]:
                 return RunResult(run_dir=run_dir, results={"lr_find": found})
+        if zero and resuming:
+            # Only now, with the model, data and caches ready, does a resumed run change.
+            write_run_files(run_dir, config, split)
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         except BaseException as exc:
@@ -758,6 +772,15 @@ def _train(
         if isinstance(lg, WandbLogger):
             log_final_to_wandb(lg, results, figures, run_dir / "test_predictions.csv")
     return RunResult(run_dir=run_dir, results=results)
+
+
+def write_run_files(run_dir: Path, config: TrainConfig, split: DataSplit) -> None:
+    """config.yaml, split.json and dataset.json; results.json goes: the run is not finished."""
+    write_yaml_atomic(run_dir / "config.yaml", config.to_yaml_dict())
+    split.save(run_dir / "split.json")
+    write_json_atomic(run_dir / "dataset.json", split.summary())
+    # A finished run being extended: its results describe epochs best.ckpt may no longer hold.
+    (run_dir / "results.json").unlink(missing_ok=True)
 
 
 def lr_find_before_training(
