@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import pickle
 import re
 import shutil
@@ -264,3 +265,37 @@ def test_prepare_recomputes_damaged_images_and_says_so(tmp_path):
     assert "8 images: 0 prepared, 8 already there" in " ".join(
         runner.invoke(app, args).output.split()
     )
+
+
+def test_a_compaction_by_another_process_during_training_does_not_stop_it(tmp_path, monkeypatch):
+    """Another process touches every photo and prepares them again until the cache is
+    compacted into a new file, after this run opened it and before its loader workers start."""
+    from inat_finetune import prepared, training
+
+    make_class_folders(tmp_path / "data", {"ant": 6, "bee": 6})
+    settings = dict(
+        data=str(tmp_path / "data"),
+        output=str(tmp_path / "runs"),
+        cache_dir=str(tmp_path / "c"),
+        feature_cache=False,
+        **{**TINY, "num_workers": 1},
+    )
+    opened = []
+
+    def then_compacted(split, preprocessing, *args, **kwargs):
+        images, summary = prepared.prepared_images_for(split, preprocessing, *args, **kwargs)
+        opened.append(images.arrays.data_path)
+        paths = prepared.split_paths(split)
+        other = prepared.image_store(split.root, preprocessing.resize_size, cache_dir=args[1])
+        for stamp in range(1, 100):
+            for path in paths:
+                os.utime(path, ns=(stamp * 10**9, stamp * 10**9))
+            prepared.build(other, paths)
+            if other.data_path != opened[0]:
+                return images, summary
+        raise AssertionError("never compacted")
+
+    monkeypatch.setattr(training, "prepared_images_for", then_compacted)
+    result = train(load_config(None, **settings), progress=False, report=False)
+    assert opened and result.results["speed_paths"]["workers"] == 1
+    assert len(_predictions(result.run_dir)) == result.results["num_images"]["test"] > 0
