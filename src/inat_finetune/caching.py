@@ -16,24 +16,26 @@ The stored bytes prove themselves. Each entry records the CRC-32 of its bytes wh
 written (``zlib.crc32``: ~2 GB/s here, 4-5x cheaper than blake2b; it is there to catch damage,
 not an attacker, who could rewrite the index as well). Two checks use it:
 
-* When a run opens the store (``filling``, hence ``update``; ``stale`` and ``audit`` answer
-  the same), every entry the run will read is checked: an entry whose bytes lie past the end of
-  the data file (a truncated file) or no longer match its checksum (zeros or random bytes
+* When a run opens the store (``filling``, hence ``update``; ``audit`` and ``stale`` answer
+  the same), every entry the run will read is checked: an entry whose bytes lie past the end
+  of the data file (a truncated file) or no longer match its checksum (zeros or random bytes
   written over it) is *damaged*. It is dropped and computed again from its source file like a
   stale one, with one warning that names the data file and counts them, so the run's results
-  are the clean run's. This reads the run's stored bytes once: on this 2-core machine, 18 ms
-  for the hymenoptera photos' 397 prepared 256-px images (~0.05 ms per image, ~80 MB), about
-  1.6 s per 3 GB (nature_12K's 12k images) once they are in the page cache.
-* Every read (``StoredArrays.__getitem__``, inside DataLoader workers for the image cache)
-  checks the entry again, so bytes that change under a running job stop it with a one-line
-  error that names the data file and says to run again (which recomputes them) instead of
-  training on them. Measured in one process against the same read without the check, for a
-  prepared 256-px image (3 x 256 x 341 bytes) read through the evaluation transform: 0.13 ms
-  more per image (the read itself goes from 0.02 to 0.15 ms; read and transform from ~0.6 to
-  ~0.75 ms); for a stored MobileNetV2 feature vector (1280 float32): ~3 us per vector.
+  are the clean run's. This reads the run's stored bytes once: 44-78 ms for the hymenoptera
+  photos' 397 prepared 256-px images (105 MB; 0.1-0.2 ms per image; the size and time checks
+  alone take 1.5 ms in all), 3-5 ms for their 397 MobileNetV2 feature vectors; at that rate
+  about 1.5-2.5 s for nature_12K's 3 GB of prepared images once they are in the page cache.
+* Every read (``StoredArrays.__getitem__``, inside the DataLoader workers for the image cache)
+  checks its entry again, so bytes that change under a running job stop it with a one-line
+  error that names the data file and says to run again (which computes them again) instead of
+  training on them. In one process against the same read without the check: a prepared 256-px
+  image (3 x 256 x 341 bytes) 25-32 us unchecked, 105-127 us checked; read and evaluation
+  transform 230 against 289 us (1.25x); a feature vector (1280 float32) 2.0 against 4.1 us.
+  (Best of 7 interleaved passes over the hymenoptera photos on a loaded 2-core machine.)
 * An index that cannot be read or parsed, is of an older ``STORE_VERSION`` (no checksums:
-  such stores are rebuilt, not verified lazily) or describes other arrays means an empty store:
-  everything is computed again into a new data file, and the old files are removed.
+  such stores are rebuilt, not verified lazily), names a data file outside the folder or
+  describes other arrays means an empty store: everything is computed again into a new data
+  file, and the old files are removed. Malformed entries are computed again.
 
 Readers and compaction. ``ArrayStore.arrays`` opens the data file once, in the process that
 asks (the main process of a run), maps it and holds a shared ``flock`` on it for as long as the
@@ -41,11 +43,11 @@ asks (the main process of a run), maps it and holds a shared ``flock`` on it for
 pickled (a spawned worker) opens the file again by name, which the creator's lock keeps in
 place. Compaction (``_compact_if_mostly_dead``) writes the live arrays to a new data file named
 by the new index (the index is the single commit point) and deletes an old data file only once
-it can take an exclusive lock on it, i.e. when no reader holds it; files it cannot delete yet
-are deleted by a later fill of the store. A reader that read the index just before a compaction
-finds its file gone or replaced when it opens it, reads the index again and opens the new one.
-Without advisory locks (Windows) an old file is deleted when the system allows it (not while it
-is mapped there).
+it can take an exclusive lock on it, i.e. when no reader holds it; a file it cannot delete yet
+is deleted by a later run that opens the store (``filling``). A reader that read the index
+just before a compaction finds its file gone or replaced when it opens it, reads the index
+again and opens the new one. Without advisory locks (Windows) an old file is deleted when the
+system allows it (not while it is mapped there).
 
 Where caches live: ``--cache-dir``, else ``$INAT_FINETUNE_CACHE``, else
 ``$XDG_CACHE_HOME/inat-finetune`` (``~/.cache/inat-finetune``). Deleting the folder is always
@@ -58,6 +60,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import mmap
 import os
 import re
@@ -162,7 +165,7 @@ def _map_if_present(path: Path) -> np.ndarray:
 
 
 def _remove_if_unread(path: Path) -> None:
-    """Delete a data file unless a reader holds its shared lock (then a later fill does)."""
+    """Delete a data file unless a reader holds its shared lock (a later ``filling`` does)."""
     if fcntl is None:
         with contextlib.suppress(OSError):  # Windows cannot delete a mapped file: left behind
             path.unlink(missing_ok=True)
@@ -229,7 +232,7 @@ class StoredArrays:
     def __getitem__(self, path: str | Path) -> np.ndarray:
         """A writable copy of the array stored for ``path``, checked against its checksum."""
         offset, shape, expected = self.entries[str(path)]
-        nbytes = int(np.prod(shape)) * self.dtype.itemsize
+        nbytes = math.prod(shape) * self.dtype.itemsize
         raw = np.array(self._data()[offset : offset + nbytes])
         if raw.size != nbytes or checksum(raw) != expected:
             raise UserError(
@@ -322,7 +325,7 @@ class ArrayStore:
         write_text_atomic(self.directory / INDEX_NAME, json.dumps(index, separators=(",", ":")))
 
     def _nbytes(self, entry: list[int]) -> int:
-        return int(np.prod(entry[SHAPE])) * self.dtype.itemsize
+        return math.prod(entry[SHAPE]) * self.dtype.itemsize
 
     def _intact(self, entry: list[int], data: np.ndarray) -> bool:
         """Whether the entry's bytes lie inside ``data`` (the mapped data file) and match."""
@@ -386,6 +389,7 @@ class ArrayStore:
         ``update`` for one store; one pass that fills several stores holds them all open."""
         with _locked(self.directory):
             self._load_index()  # another process may have stored some of them meanwhile
+            self._remove_old_data_files()  # those readers held at the last compaction
             audit = self.audit(paths)
             self._drop_damaged(audit.damaged)
             todo = audit.todo
