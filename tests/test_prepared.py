@@ -99,12 +99,21 @@ def test_stores_filled_together_take_only_their_stale_paths(tmp_path):
 
 
 def test_cache_folder_order_of_precedence(monkeypatch, tmp_path):
-    monkeypatch.setenv("INAT_FINETUNE_CACHE", str(tmp_path / "env"))
-    assert cache_root("given") == cache_root("given").expanduser()
-    assert cache_root(None) == tmp_path / "env"
-    monkeypatch.delenv("INAT_FINETUNE_CACHE")
+    """--cache-dir, else $INAT_FINETUNE_CACHE, else $XDG_CACHE_HOME/inat-finetune, else
+    ~/.cache/inat-finetune; ``~`` expanded in each."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("INAT_FINETUNE_CACHE", "~/env")
+    assert cache_root(tmp_path / "given") == tmp_path / "given"  # the option beats both
+    assert cache_root("~/given") == tmp_path / "home" / "given"
+    assert cache_root(None) == tmp_path / "home" / "env"  # the variable beats XDG
+    # The stores are made under the folder cache_root chose.
+    store = image_store(tmp_path / "data", 64)
+    assert store.directory.parent == tmp_path / "home" / "env" / "images"
+    monkeypatch.setenv("INAT_FINETUNE_CACHE", "")  # set but empty: as if unset
     assert cache_root(None) == tmp_path / "xdg" / "inat-finetune"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert cache_root(None) == tmp_path / "home" / ".cache" / "inat-finetune"
 
 
 @pytest.fixture

@@ -555,8 +555,9 @@ def prepare(
     except UserError as exc:
         _fail(str(exc))
         return
+    damaged = f" ({result.damaged:,} of them damaged in the cache)" if result.damaged else ""
     out.print(
-        f"{result.images:,} images: {result.prepared:,} prepared, "
+        f"{result.images:,} images: {result.prepared:,} prepared{damaged}, "
         f"{result.images - result.prepared:,} already there; {decimal(result.data_bytes)} in "
         f"{result.directory}",
         soft_wrap=True,

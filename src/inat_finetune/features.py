@@ -32,7 +32,9 @@ How it works:
 One store per (architecture, a hash of every backbone tensor, so weight names, weight files and
 random initialisations are told apart; capture point; evaluation transform; precision;
 channels-last; device type; torch version); one entry per image file, valid while the file is
-unchanged (``caching.py``).
+unchanged and its stored bytes match their checksum (``caching.py``): features found damaged
+or cut off when the run opens the store are computed again from the photos, with a warning
+naming the store's data file, and counted in the run's summary.
 
 The frozen prefix. When the classifier is not the only thing that trains (``freeze_k_percent``
 trains the later blocks), the longest run of leading blocks that is frozen and deterministic
@@ -641,15 +643,16 @@ def cached_features(
                         if str(path) in stale:
                             put_array(path, array)
         computed = len(todo)
+        shape = store.arrays(paths[:1])[paths[0]].shape
+        feature_sets = {name: _features_of(store, samples[name], shape) for name in SPLITS}
     except OSError as exc:
         log.warning("Feature cache unusable (%s); running the backbone in every epoch", exc)
         return CachedFeatures(f"off ({type(exc).__name__})")
-    shape = store.arrays(paths[:1])[paths[0]].shape
-    feature_sets = {name: _features_of(store, samples[name], shape) for name in SPLITS}
     where = f" after {prefix[-1]}" if prefix else ""
+    damaged = f", {len(store.damaged)} of them damaged in the cache" if store.damaged else ""
     also = "".join(f"; stored {what}" for what in stored_for)
     return CachedFeatures(
-        f"on{where} ({len(paths) - computed} reused, {computed} computed{also})",
+        f"on{where} ({len(paths) - computed} reused, {computed} computed{damaged}{also})",
         FeatureDataModule(feature_sets, config.batch_size, config.seed),
         [] if prefix else tail,
         computed,

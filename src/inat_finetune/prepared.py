@@ -8,7 +8,10 @@ file (``caching.ArrayStore``), which costs a memory copy instead of a JPEG decod
 What is stored for each image: the image exactly as ``data.load_image`` returns it (EXIF
 rotation, 16-bit, CMYK and alpha handled, JPEG draft mode), resized with antialiasing so that
 its shorter side is ``size``, as uint8 channels x height x width. Images no larger than that
-are kept as they are.
+are kept as they are. Each stored image is checked against its checksum when a run opens the
+cache and when it is read (``caching.py``): a damaged or truncated cache costs the damaged
+images' preparation again, with a warning, never a wrong image; ``prepare`` and the run's
+summary count the ones it found.
 
 Why ``size`` is the preprocessing's ``resize_size`` (256 for the 224-px presets) and not
 larger: the evaluation transform's ``Resize(resize_size)`` is then a no-op, so validation and
@@ -159,19 +162,21 @@ def prepared_images_for(
     try:
         store = image_store(split.root, size, preprocessing.interpolation, cache_dir)
         computed = build(store, paths, progress)
+        images = PreparedImages(store.arrays(paths), size)
     except OSError as exc:
         log.warning("Image cache unusable (%s); decoding the photos in every epoch instead", exc)
         return None, f"off ({type(exc).__name__})"
-    images = PreparedImages(store.arrays(paths), size)
-    return images, f"on ({len(paths) - computed} reused, {computed} prepared)"
+    damaged = f", {len(store.damaged)} of them damaged in the cache" if store.damaged else ""
+    return images, f"on ({len(paths) - computed} reused, {computed} prepared{damaged})"
 
 
 @dataclass
 class PrepareResult:
     directory: Path
     images: int
-    prepared: int
+    prepared: int  # of them: ``damaged``, found damaged in the cache (``ArrayStore.audit``)
     data_bytes: int
+    damaged: int = 0
 
 
 def prepare(
@@ -200,4 +205,10 @@ def prepare(
             f"--cache-dir {store.directory.parent.parent}: cannot write the cache ({exc}); "
             "pass a writable folder"
         ) from None
-    return PrepareResult(store.directory, len(paths), computed, store.data_path.stat().st_size)
+    return PrepareResult(
+        store.directory,
+        len(paths),
+        computed,
+        store.data_path.stat().st_size,
+        len(store.damaged),
+    )
