@@ -12,30 +12,29 @@ contents are not hashed: that would read every photo on every run, the very cost
 exist to avoid. Status-change time (ctime) cannot be set by ``touch`` or ``cp -p``, so a file
 replaced by one of the same size and back-dated modification time is still caught.
 
-The stored bytes prove themselves. Each entry records the CRC-32 of its bytes when it is
-written (``zlib.crc32``: ~2 GB/s here, 4-5x cheaper than blake2b; it is there to catch damage,
-not an attacker, who could rewrite the index as well). Two checks use it:
+The stored bytes prove themselves. Each entry records a checksum of its bytes when it is
+written (xxHash's XXH3-64, ``xxhash`` on PyPI: the cheapest well-kept hash at hand, an order of
+magnitude faster than ``zlib.crc32`` and blake2b, see ``benchmarks/cache_verification.py``; it
+is there to catch damage, not an attacker, who could rewrite the index as well). Two checks use
+it:
 
 * When a run opens the store (``filling``, hence ``update``; ``audit`` and ``stale`` answer
   the same), every entry the run will read is checked: an entry whose bytes lie past the end
   of the data file (a truncated file) or no longer match its checksum (zeros or random bytes
   written over it) is *damaged*. It is dropped and computed again from its source file like a
   stale one, with one warning that names the data file and counts them, so the run's results
-  are the clean run's. This reads the run's stored bytes once: 44-78 ms for the hymenoptera
-  photos' 397 prepared 256-px images (105 MB; 0.1-0.2 ms per image; the size and time checks
-  alone take 1.5 ms in all), 3-5 ms for their 397 MobileNetV2 feature vectors; at that rate
-  about 1.5-2.5 s for nature_12K's 3 GB of prepared images once they are in the page cache.
+  are the clean run's. This reads the run's stored bytes once.
 * Every read (``StoredArrays.__getitem__``, inside the DataLoader workers for the image cache)
   checks its entry again, so bytes that change under a running job stop it with a one-line
   error that names the data file and says to run again (which computes them again) instead of
-  training on them. In one process against the same read without the check: a prepared 256-px
-  image (3 x 256 x 341 bytes) 25-32 us unchecked, 105-127 us checked; read and evaluation
-  transform 230 against 289 us (1.25x); a feature vector (1280 float32) 2.0 against 4.1 us.
-  (Best of 7 interleaved passes over the hymenoptera photos on a loaded 2-core machine.)
+  training on them.
 * An index that cannot be read or parsed, is of an older ``STORE_VERSION`` (no checksums:
   such stores are rebuilt, not verified lazily), names a data file outside the folder or
   describes other arrays means an empty store: everything is computed again into a new data
   file, and the old files are removed. Malformed entries are computed again.
+
+What both checks cost (per image, per read, at open) is measured by
+``benchmarks/cache_verification.py``; its figures are in ``benchmarks/RESULTS.md``.
 
 Readers and compaction. ``ArrayStore.arrays`` opens the data file once, in the process that
 asks (the main process of a run), maps it and holds a shared ``flock`` on it for as long as the
@@ -64,13 +63,13 @@ import math
 import mmap
 import os
 import re
-import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+import xxhash
 
 from inat_finetune.errors import UserError
 from inat_finetune.runfiles import read_json, write_text_atomic
@@ -83,11 +82,11 @@ except ImportError:  # Windows: no advisory locks
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "INAT_FINETUNE_CACHE"
-STORE_VERSION = 2  # 2: a CRC-32 per entry
+STORE_VERSION = 2  # 2: a checksum per entry
 INDEX_NAME = "index.json"
 SAVE_EVERY = 512  # entries; an interrupted build keeps what it had saved
 DATA_NAME = re.compile(r"data-(\d+)\.bin")
-# An entry of the index: [size, mtime_ns, ctime_ns, byte offset, CRC-32 of its bytes, *shape]
+# An entry of the index: [size, mtime_ns, ctime_ns, byte offset, checksum of its bytes, *shape]
 FINGERPRINT, OFFSET, CHECKSUM, SHAPE = slice(0, 3), 3, 4, slice(5, None)
 OPEN_TRIES = 8  # a reader racing compactions reads the index again this many times at most
 
@@ -113,8 +112,8 @@ def source_fingerprint(path: str | Path) -> list[int]:
 
 
 def checksum(data: Any) -> int:
-    """The CRC-32 of a bytes-like object or a contiguous array's bytes."""
-    return zlib.crc32(data)
+    """The XXH3-64 of a bytes-like object or a contiguous array's bytes (an int under 2**64)."""
+    return xxhash.xxh3_64_intdigest(data)
 
 
 @contextlib.contextmanager
