@@ -270,9 +270,19 @@ class FineTuneModule(L.LightningModule):
         if probabilities is not None and self.trainer.world_size > 1:
             # Each rank tested its ShardSampler shard; put the rows back in dataset order.
             probabilities = gather_shards(probabilities)
+        confusion = self.test_confusion.compute().cpu()
         self.test_report = {
-            "per_class_acc": self.test_per_class.compute().float().cpu().tolist(),
-            "confusion_matrix": self.test_confusion.compute().cpu().tolist(),
+            # None (results.json: null, shown as n/a) for a class with no test image: its
+            # accuracy is unknown, not 0.
+            "per_class_acc": [
+                acc if int(support) else None
+                for acc, support in zip(
+                    self.test_per_class.compute().float().cpu().tolist(),
+                    confusion.sum(dim=1).tolist(),
+                    strict=True,
+                )
+            ],
+            "confusion_matrix": confusion.tolist(),
             # In test-loader order (no shuffling), i.e. the order of DataSplit.samples("test").
             "probabilities": probabilities,
         }
@@ -811,7 +821,9 @@ def log_final_to_wandb(
             if isinstance(v, (int, float)) and v is not None
         }
     )
-    run.summary.update({f"test_acc/{k}": v for k, v in results["per_class_test_acc"].items()})
+    run.summary.update(
+        {f"test_acc/{k}": v for k, v in results["per_class_test_acc"].items() if v is not None}
+    )
     images = {f"figures/{name}": wandb.Image(str(path)) for name, path in figures.items()}
     if images:
         run.log(images)
