@@ -226,7 +226,9 @@ def test_run_file_write_failing_half_way_keeps_the_old_file(tmp_path, monkeypatc
         (["--img-size", "1000000000"], "img_size=1000000000: Input should be less than"),
         (["--num-workers", "1000000000"], "num_workers=1000000000: Input should be less"),
     ],
-)
+    ids=["seed-negative", "seed-2**32", "minutes-1e300", "minutes-nan", "lr-1e300", "wd-1e300",
+         "img-size-1e9", "workers-1e9"],
+)  # fmt: skip
 def test_numbers_out_of_range_are_one_line_errors_naming_the_option(tmp_path, args, message):
     make_class_folders(tmp_path / "data", {"a": 4, "b": 4})
     base = ["train", "--data", str(tmp_path / "data"), "--output", str(tmp_path / "runs")]

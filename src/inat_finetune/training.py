@@ -415,12 +415,21 @@ def guard_test_set(split: DataSplit) -> DataSplit:
     """Keep copies of training images out of the test set before any training starts.
 
     A test set on disk (nature_12K's val/) with such copies is refused: the user must fix it.
-    A test set carved out here is cleaned: its leaked copies are dropped and counted.
+    A test set carved out here is cleaned: its leaked copies are dropped and counted; if none
+    is left, the data is refused too.
     """
     from inat_finetune.datacheck import assert_no_leakage, drop_leaked_test_images
+    from inat_finetune.errors import UserError
 
     if split.test_fraction is not None:
-        return drop_leaked_test_images(split)
+        cleaned = drop_leaked_test_images(split)
+        if not any(cleaned.test.values()):  # nothing left to test on: the run would crash
+            raise UserError(
+                f"{split.root}: every image of the carved test set is a copy of a training or "
+                f"validation image; delete the copies (`inat-finetune check-data {split.root}` "
+                "lists them)"
+            )
+        return cleaned
     assert_no_leakage(split)
     return split
 
