@@ -379,3 +379,18 @@ def test_the_summary_says_na_and_the_scan_warns(tmp_path):
     assert "1 class(es) have no validation images: c" in text
     assert "1 class(es) have no test images: c" in text
     assert "c n/a" in text and "c 0.0%" not in text
+
+
+def test_a_full_disk_anywhere_else_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    """A write outside the atomic writer (a cache store, a library) that finds the disk full:
+    one line naming the file, exit 2, not `unexpected OSError: [Errno 28]`."""
+    from inat_finetune import training
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "/cache/images/data-0.bin")
+
+    monkeypatch.setattr(training, "train", full)
+    result = CliRunner().invoke(app, ["train", "--data", str(tmp_path)])
+    text = _one_line_error(result)
+    assert "error: /cache/images/data-0.bin: could not write it (No space left on device); " in text
+    assert "free some space or choose another --output" in text
