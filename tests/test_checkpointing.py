@@ -98,7 +98,7 @@ class _Pickled:
         (b"\x00" * 100, "not a readable checkpoint (truncated or corrupt?)"),
         ("truncated", "not a readable checkpoint (truncated or corrupt?)"),
         ([1, 2, 3], "not a Lightning checkpoint (holds a list)"),
-        (_Pickled(), "refused; it holds Python objects"),
+        (_Pickled(), "refused as unsafe; it holds Python objects (test_checkpointing._Pickled)"),
     ],
 )
 def test_bad_checkpoint_files_are_one_line_errors(tmp_path, content, message):

@@ -28,6 +28,7 @@ import csv
 import io
 import pickle
 import random
+import re
 import zipfile
 from datetime import timedelta
 from pathlib import Path
@@ -43,7 +44,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.trainer.states import TrainerFn
 
-from inat_finetune.errors import UserError
+from inat_finetune.errors import UserError, WriteFailedError, write_failure, write_fix
 from inat_finetune.runfiles import atomic_write, write_text_atomic
 
 RESUME_KEY = "inat_finetune_resume"  # where a checkpoint keeps RNG states and the metrics row count
@@ -57,10 +58,12 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Unsupported global" in str(exc):  # a class or function, not a corrupt byte
+        unsafe = unsafe_global(str(exc))
+        if unsafe is not None:  # a class or function, not a corrupt byte
             raise UserError(
-                f"{path}: refused; it holds Python objects besides tensors and plain values, and "
-                "loading those could run code. Use a checkpoint written by inat-finetune"
+                f"{path}: refused as unsafe; it holds Python objects ({unsafe}) besides tensors "
+                "and plain values, and loading those could run code; use a checkpoint written "
+                "by inat-finetune"
             ) from None
         raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt?)") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
@@ -85,6 +88,24 @@ def epochs_started(checkpoint: dict[str, Any]) -> int:
     return int(checkpoint.get("epoch", 0)) + 1
 
 
+# How torch's weights-only unpickler names a global it will not load: "Unsupported global:
+# GLOBAL x.Y was not an allowed global" (torch 2.4-2.13 for classes), "Trying to load
+# unsupported GLOBAL posix.system whose module posix is blocked" (torch 2.14). Matched without
+# regard to case, on any of these phrasings.
+_UNSAFE = re.compile(
+    r"unsupported global|not an allowed global|whose module \S+ is blocked", re.IGNORECASE
+)
+_GLOBAL_NAME = re.compile(r"\bGLOBAL\s+(\w+(?:\.\w+)+)")  # a dotted module.name
+
+
+def unsafe_global(message: str) -> str | None:
+    """The name of the global a weights-only load refused (or "a global"), else None."""
+    if not _UNSAFE.search(message):
+        return None
+    named = _GLOBAL_NAME.search(message)
+    return named.group(1) if named else "a global"
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -100,10 +121,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path, storage_options)  # raises: unsupported
         try:
             atomic_write(path, lambda handle: torch.save(checkpoint, handle))
-        except OSError as exc:
-            raise UserError(
-                f"{path}: could not write the checkpoint ({exc}); the previous one is intact. "
-                "Free some space, then continue with `inat-finetune train --resume <run directory>`"
+        except WriteFailedError as exc:
+            failure = write_failure(exc)
+            reason = failure.strerror if failure is not None and failure.strerror else str(exc)
+            kept = "the previous one is intact" if Path(path).exists() else "none was written yet"
+            raise WriteFailedError(
+                f"{path}: could not write the checkpoint ({reason}), {kept}; "
+                f"{write_fix(failure) if failure is not None else 'choose another --output'}, "
+                "then continue with `inat-finetune train --resume <run directory>`"
             ) from exc
 
     def load_checkpoint(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 from pathlib import Path
@@ -14,7 +15,14 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from inat_finetune.errors import UserError, one_line
+from inat_finetune.errors import (
+    NO_SPACE,
+    UserError,
+    describe_write_failure,
+    one_line,
+    write_failure,
+)
+from inat_finetune.runfiles import check_output_dir, check_output_file
 
 # --help, usage errors and Ctrl+C: Typer reports these itself. (Typer >= 0.20 vendors its own
 # Click, whose exceptions derive from TyperException; older Typer raises Click's.)
@@ -31,7 +39,8 @@ _TYPER_EXITS = (
 class _Commands(typer.core.TyperGroup):
     """Runs every command so that no error reaches the user as a raw traceback.
 
-    A UserError becomes one line (exit 2). Anything unexpected becomes one line naming the
+    A UserError becomes one line (exit 2), and so does a full disk or a read-only one wherever
+    it happens (naming the file when the system says which). Anything unexpected becomes one line naming the
     exception and a hint (exit 1); ``--verbose`` shows the full traceback instead.
     """
 
@@ -43,6 +52,9 @@ class _Commands(typer.core.TyperGroup):
         except UserError as exc:
             _fail(str(exc))
         except Exception as exc:
+            out_of_space = _out_of_space(exc)
+            if out_of_space is not None:
+                _fail(out_of_space)
             if ctx.params.get("verbose"):
                 raise
             console.print(
@@ -53,6 +65,14 @@ class _Commands(typer.core.TyperGroup):
                 markup=True,
             )
             raise typer.Exit(code=1) from None
+
+
+def _out_of_space(exc: BaseException) -> str | None:
+    """The one-line message for a write that a full or read-only disk refused, else None."""
+    failure = write_failure(exc)
+    if failure is None or failure.errno not in NO_SPACE | {errno.EROFS}:
+        return None  # permission and I/O errors may come from reading: not called writes here
+    return describe_write_failure(failure.filename or "a file being written", failure)
 
 
 app = typer.Typer(
@@ -125,10 +145,15 @@ def _print_results(results: dict, run_dir: Path | None = None) -> None:
     if per_class:
         out.print(
             "per-class test accuracy: "
-            + ", ".join(f"{k} {100 * v:.1f}%" for k, v in per_class.items())
+            + ", ".join(f"{k} {percent_or_na(v)}" for k, v in per_class.items())
         )
     if run_dir is not None:
         out.print(f"run directory: {run_dir}")
+
+
+def percent_or_na(value: float | None) -> str:
+    """``12.3%``, or ``n/a`` for an accuracy that was not measured (no images of that class)."""
+    return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
 # Options shared by `train`, `compare` and `demo`. None means "not given", so a value from the
@@ -371,7 +396,9 @@ def _config_from(options: dict[str, Any]) -> Any:
     from inat_finetune.config import load_config
 
     config = options.pop("config", None)
-    return load_config(config, **options)
+    loaded = load_config(config, **options)
+    check_output_dir(loaded.output, "--output")  # also when it came from the --config file
+    return loaded
 
 
 @app.command()
@@ -569,8 +596,8 @@ def prepare(
 def evaluate(
     run_or_ckpt: Annotated[Path, typer.Argument(help="a run directory or a .ckpt file")],
     data: DataOpt = None,
-    batch_size: Annotated[int, typer.Option()] = 32,
-    num_workers: Annotated[int | None, typer.Option()] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    num_workers: Annotated[int | None, typer.Option(min=0)] = None,
     accelerator: Annotated[str, typer.Option()] = "auto",
     precision: Annotated[str, typer.Option()] = "auto",
     save: Annotated[
@@ -590,6 +617,7 @@ def evaluate(
 
     mode = "multicrop" if multi_crop else "flip" if tta else "none"
     try:
+        check_output_file(save, "--save", "evaluation.json")
         result = run_evaluation(
             run_or_ckpt, data, batch_size, num_workers, accelerator, precision, tta=mode
         )
@@ -663,7 +691,9 @@ def demo(
     from inat_finetune.config import load_config
 
     try:
+        check_output_dir(output, "--output")
         if data is None:
+            check_output_dir(dest, "--dest")
             from inat_finetune.download import NATURE12K_URL, download_subset
 
             try:
@@ -716,6 +746,7 @@ def download(
     from inat_finetune.download import NATURE12K_URL, download_dataset, download_subset
 
     try:
+        check_output_dir(dest, "--dest")
         if subset is None:
             if test_subset is not None:
                 raise UserError("--test-subset needs --subset N (the training images per class)")
@@ -765,7 +796,7 @@ def show(
     class_name: Annotated[
         str | None, typer.Option("--class", help=escape("class to show [default: a random one]"))
     ] = None,
-    n: Annotated[int, typer.Option("-n", help="number of images")] = 10,
+    n: Annotated[int, typer.Option("-n", min=1, help="number of images")] = 10,
     seed: Annotated[int, typer.Option(help="seeds the class and image choice")] = 0,
     output: Annotated[
         Path | None,
@@ -778,6 +809,7 @@ def show(
     from inat_finetune.plots import choose_class, plot_class_samples, resolve_split
 
     try:
+        check_output_file(output, "--output", f"samples-{split}.png")
         data_split = resolve_split(data)
         name = choose_class(data_split.classes, class_name, seed)
         target = output or Path(f"samples-{split}-{name}.png")
@@ -825,6 +857,8 @@ def predict(
     from inat_finetune.predict import predict_paths, write_csv, write_json
 
     try:
+        check_output_file(json_out, "--json", "predictions.json")
+        check_output_file(csv_out, "--csv", "predictions.csv")
         report = predict_paths(run_or_ckpt, paths, top_k=top_k, batch_size=batch_size, tta=tta)
     except UserError as exc:
         _fail(str(exc))
@@ -866,6 +900,7 @@ def export_model(
     from inat_finetune.export import export
 
     try:
+        check_output_dir(output, "--output")
         result = export(run_or_ckpt, format=format, out_dir=output)
     except UserError as exc:
         _fail(str(exc))
@@ -922,7 +957,9 @@ def sweep(
     trials: Annotated[
         int,
         typer.Option(
-            "--trials", help="trials in the whole study, all workers together; 0: report only"
+            "--trials",
+            min=0,
+            help="trials in the whole study, all workers together; 0: report only",
         ),
     ] = 20,
     storage: Annotated[
@@ -963,6 +1000,8 @@ def sweep(
     from inat_finetune.sweep import run_sweep
 
     try:
+        check_output_file(export_wandb, "--export-wandb", "sweep.yaml")
+        check_output_dir(output, "--output")
         if export_wandb is not None:
             path = write_wandb(config, export_wandb, data=data, output=output)
             out.print(f"wrote {path}; then: wandb sweep {path} && wandb agent <sweep id>")

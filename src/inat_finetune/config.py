@@ -20,9 +20,30 @@ from inat_finetune.freezing import STRATEGIES
 
 STAGED = "staged"  # the strategy of a run whose stage schedule decides what trains
 
+# Upper bounds of the numeric options (see TrainConfig). Each is far above any sensible value
+# and below where the value breaks something: numpy seeds are 32-bit, torch keeps lr and
+# weight decay as float32 scalars (3.4e38), datetime.timedelta ends at 1e9 days, and an image
+# side beyond a few thousand pixels does not fit a batch in memory.
+MAX_SEED = 2**32 - 1
+MAX_EPOCHS = 1_000_000
+MAX_BATCH = 1_000_000
+MAX_STEPS = 10**12
+MAX_LR = 100.0
+MAX_LR_SCALE = 1000.0
+MAX_WEIGHT_DECAY = 100.0
+MAX_MIX_ALPHA = 1000.0
+MAX_IMG_SIZE = 4096
+MAX_WORKERS = 1024
+MAX_NODES = 100_000
+MAX_MINUTES = 1e6  # about two years
+MAX_FLOAT32 = 3.4e38
+
 
 class TrainConfig(BaseModel):
     # allow_inf_nan=False: lr=.inf or checkpoint_minutes=.nan in a YAML file are typos, refused.
+    # Every number has the bounds it can run with, declared here (the single place): a value
+    # outside them (a negative seed, 1e300 minutes) is one line naming the option, not a crash
+    # deep in numpy, torch or datetime. The upper bounds sit far above any sensible value.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     data: str | None = Field(
@@ -46,29 +67,33 @@ class TrainConfig(BaseModel):
         description="frozen BatchNorm layers: 'eval' keeps ImageNet statistics, 'train' updates them",
     )
 
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    epochs: int = Field(10, ge=1, le=MAX_EPOCHS)
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH)
+    lr: float = Field(1e-3, gt=0, le=MAX_LR)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, le=MAX_WEIGHT_DECAY)
     img_size: int | None = Field(
-        None, ge=16, description="input size (default: the weights preset's, 224)"
+        None, ge=16, le=MAX_IMG_SIZE, description="input size (default: the weights preset's, 224)"
     )
     augment: bool = Field(True, description="augment the training subset (never val/test)")
     val_fraction: float = Field(0.2, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1, description="only for a flat folder of classes")
 
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=MAX_SEED, description="0 to 2**32 - 1 (numpy's range)")
     num_workers: int | None = Field(
         None,
         ge=0,
+        le=MAX_WORKERS,
         description="DataLoader workers (default: CPU count, max 8; none when a CPU of at most "
         "4 cores trains on prepared images)",
     )
     accelerator: str = Field("auto", description="auto, cpu, cuda, mps")
     devices: str = Field("auto", description="Lightning devices: auto, 1, 2, ...")
     num_nodes: int = Field(
-        1, ge=1, description="machines, each running --devices processes (torchrun or srun)"
+        1,
+        ge=1,
+        le=MAX_NODES,
+        description="machines, each running --devices processes (torchrun or srun)",
     )
     scale_lr: Literal["none", "linear", "sqrt"] = Field(
         "none",
@@ -106,11 +131,15 @@ class TrainConfig(BaseModel):
     wandb_project: str = "inat-finetune"
     wandb_group: str | None = Field(None, description="W&B group (compare sets one per comparison)")
     checkpoint_steps: int | None = Field(
-        None, ge=1, description="also write last.ckpt every N training steps (overrides minutes)"
+        None,
+        ge=1,
+        le=MAX_STEPS,
+        description="also write last.ckpt every N training steps (overrides minutes)",
     )
     checkpoint_minutes: float | None = Field(
         10.0,
         ge=0,
+        le=MAX_MINUTES,
         description="also write last.ckpt every N minutes of training (0: epoch ends only)",
     )
 
@@ -122,21 +151,33 @@ class TrainConfig(BaseModel):
         None, description="stage from which the network trains (layer3, features.14, all)"
     )
     lp_epochs: int = Field(
-        0, ge=0, description="LP-FT: epochs of the head alone before train_from (default all)"
+        0,
+        ge=0,
+        le=MAX_EPOCHS,
+        description="LP-FT: epochs of the head alone before train_from (default all)",
     )
     unfreeze_schedule: str | None = Field(
         None, description="gradual unfreezing, EPOCH:STAGE,...: e.g. 0:head,2:layer4,4:layer3"
     )
-    backbone_lr_scale: float = Field(1.0, gt=0, description="backbone lr = lr * this")
+    backbone_lr_scale: float = Field(
+        1.0, gt=0, le=MAX_LR_SCALE, description="backbone lr = lr * this"
+    )
     layer_decay: float = Field(
         1.0, gt=0, le=1, description="each stage further from the head: lr * this once more"
     )
     lr_schedule: Literal["constant", "cosine", "onecycle"] = "constant"
-    warmup_epochs: float = Field(0.0, ge=0, description="linear warmup (also after unfreezing)")
+    warmup_epochs: float = Field(
+        0.0, ge=0, le=MAX_EPOCHS, description="linear warmup (also after unfreezing)"
+    )
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    grad_clip_norm: float | None = Field(None, gt=0, description="clip the gradient norm")
+    grad_clip_norm: float | None = Field(
+        None, gt=0, le=MAX_FLOAT32, description="clip the gradient norm"
+    )
     early_stopping_patience: int | None = Field(
-        None, ge=1, description="stop after this many epochs without a better val accuracy"
+        None,
+        ge=1,
+        le=MAX_EPOCHS,
+        description="stop after this many epochs without a better val accuracy",
     )
     ema_decay: float | None = Field(
         None, gt=0, lt=1, description="validate, test and save an EMA of the weights (0.999)"
@@ -144,17 +185,24 @@ class TrainConfig(BaseModel):
     class_weighted_loss: bool = Field(False, description="weight the loss by 1/class frequency")
     augmentation: Literal["seed", "trivialaugment", "randaugment"] = "seed"
     random_erasing: float = Field(0.0, ge=0, le=1, description="probability per image")
-    mixup_alpha: float = Field(0.0, ge=0, description="MixUp on training batches (0 = off)")
-    cutmix_alpha: float = Field(0.0, ge=0, description="CutMix on training batches (0 = off)")
+    mixup_alpha: float = Field(
+        0.0, ge=0, le=MAX_MIX_ALPHA, description="MixUp on training batches (0 = off)"
+    )
+    cutmix_alpha: float = Field(
+        0.0, ge=0, le=MAX_MIX_ALPHA, description="CutMix on training batches (0 = off)"
+    )
     test_img_size: int | None = Field(
-        None, ge=16, description="validation/test/inference input size (default: img_size)"
+        None,
+        ge=16,
+        le=MAX_IMG_SIZE,
+        description="validation/test/inference input size (default: img_size)",
     )
     tta: Literal["none", "flip", "multicrop"] = Field(
         "none", description="test-time augmentation of the final test"
     )
     lr_find: bool = Field(False, description="run a learning-rate range test first")
     lr_find_apply: bool = Field(False, description="train with the suggested learning rate")
-    lr_find_steps: int = Field(100, ge=5, description="batches in the range test")
+    lr_find_steps: int = Field(100, ge=5, le=MAX_STEPS, description="batches in the range test")
 
     @field_validator("strategy")
     @classmethod

@@ -1,7 +1,12 @@
-"""Re-score a saved model: load a self-describing checkpoint and test it on a dataset."""
+"""Re-score a saved model: load a self-describing checkpoint and test it on a dataset.
+
+A class with no test image in the data gets accuracy None (null in JSON, n/a on screen) and
+a warning, never 0%.
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +25,8 @@ from inat_finetune.training import (
     resolve_channels_last,
     resolve_precision,
 )
+
+log = logging.getLogger(__name__)
 
 
 def find_checkpoint(run_or_ckpt: str | Path) -> Path:
@@ -125,6 +132,7 @@ def evaluate(
     )
     tested = trainer.test(module, datamodule=datamodule, verbose=False)
     classes = card["class_names"]
+    warn_untested_classes(classes, module.test_report["per_class_acc"])
     return {
         "checkpoint": str(ckpt),
         "data": split.root,
@@ -136,6 +144,18 @@ def evaluate(
         "confusion_matrix": module.test_report["confusion_matrix"],
         "class_names": classes,
     }
+
+
+def warn_untested_classes(classes: list[str], per_class: list[float | None]) -> list[str]:
+    """Warn about the classes with no test image (accuracy None: n/a, not 0%); their names."""
+    untested = [c for c, acc in zip(classes, per_class, strict=True) if acc is None]
+    if untested:
+        log.warning(
+            "%d class(es) have no test images here: %s; their accuracy is n/a (null)",
+            len(untested),
+            ", ".join(untested),
+        )
+    return untested
 
 
 def save_evaluation(result: dict[str, Any], path: str | Path) -> Path:

@@ -268,6 +268,14 @@ def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
+        from inat_finetune.checkpointing import unsafe_global
+
+        unsafe = unsafe_global(str(exc))
+        if unsafe is not None:
+            raise UserError(
+                f"--weights {path}: refused as unsafe; it holds Python objects ({unsafe}) besides "
+                "tensors, and loading those could run code; pass a plain state_dict"
+            ) from None
         raise UserError(f"--weights {path}: not a loadable PyTorch weights file ({exc})") from exc
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):

@@ -393,13 +393,15 @@ def plot_confusion(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
 
 def plot_per_class_accuracy(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Test accuracy of each class against the overall accuracy."""
+    """Test accuracy of each class against the overall accuracy; n/a for a class not tested."""
     results = load_results(run_dir)
     per_class = results.get("per_class_test_acc") or {}
     if not per_class:
         raise UserError(f"{Path(run_dir) / 'results.json'}: no per_class_test_acc")
     classes = list(per_class)
-    values = [float(per_class[c]) for c in classes]
+    # None (null): the class had no test image; it gets no bar and the label n/a.
+    measured = [per_class[c] for c in classes]
+    values = [0.0 if v is None else float(v) for v in measured]
     matrix = results.get("confusion_matrix") or []
     names = results.get("class_names") or classes
     support = {
@@ -413,9 +415,9 @@ def plot_per_class_accuracy(run_dir: str | Path, out: str | Path | None = None) 
     ax.barh(positions, values, color="#4c72b0")
     ax.set_yticks(positions, [_short(c, 24) for c in classes])
     ax.invert_yaxis()
-    for y, (name, value) in enumerate(zip(classes, values, strict=True)):
+    for y, (name, value, shown) in enumerate(zip(classes, values, measured, strict=True)):
         right, total = support.get(name, (None, None))
-        label = percent(value) + (f"  ({right}/{total})" if total else "")
+        label = percent(shown) + (f"  ({right}/{total})" if total else "  (no test images)")
         # A white box keeps the label readable where the overall-accuracy line crosses it.
         ax.text(
             min(value, 1.0) + 0.01,

@@ -1,7 +1,9 @@
 """Checks before a run starts, for settings Lightning would only reject deep inside ``fit``.
 
 A typo in ``--precision`` or ``--accelerator cuda`` on a machine without a GPU should cost the
-user one line and no run directory, not a traceback after the data scan.
+user one line and no run directory, not a traceback after the data scan. A class with no
+validation or test image is warned about: its accuracy there cannot be measured, and results
+show it as n/a (null in results.json), not 0%.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def preflight(config: TrainConfig, split: DataSplit) -> None:
         raise UserError(
             f"--devices {config.devices}: use auto, a count (1, 2, ...), a list (0,1) or -1 for all"
         )
+    warn_classes_without_images(split)
     n_train = sum(map(len, split.train.values()))
     if config.batch_size > n_train:
         log.warning(
@@ -68,3 +71,18 @@ def preflight(config: TrainConfig, split: DataSplit) -> None:
             n_train,
             config.batch_size,
         )
+
+
+def warn_classes_without_images(split: DataSplit) -> list[str]:
+    """Warn, once per split, about classes with no validation or test image; the warnings."""
+    counts = split.counts()
+    warnings = []
+    for name, label in (("val", "validation"), ("test", "test")):
+        empty = [c for c in split.classes if counts[name][c] == 0]
+        if empty:
+            warnings.append(
+                f"{len(empty)} class(es) have no {label} images: {', '.join(empty)}; their "
+                f"{label} accuracy cannot be measured (shown as n/a); add images to them"
+            )
+            log.warning("%s", warnings[-1])
+    return warnings

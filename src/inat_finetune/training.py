@@ -278,9 +278,19 @@ class FineTuneModule(L.LightningModule):
         if probabilities is not None and self.trainer.world_size > 1:
             # Each rank tested its ShardSampler shard; put the rows back in dataset order.
             probabilities = gather_shards(probabilities)
+        confusion = self.test_confusion.compute().cpu()
         self.test_report = {
-            "per_class_acc": self.test_per_class.compute().float().cpu().tolist(),
-            "confusion_matrix": self.test_confusion.compute().cpu().tolist(),
+            # None (results.json: null, shown as n/a) for a class with no test image: its
+            # accuracy is unknown, not 0.
+            "per_class_acc": [
+                acc if int(support) else None
+                for acc, support in zip(
+                    self.test_per_class.compute().float().cpu().tolist(),
+                    confusion.sum(dim=1).tolist(),
+                    strict=True,
+                )
+            ],
+            "confusion_matrix": confusion.tolist(),
             # In test-loader order (no shuffling), i.e. the order of DataSplit.samples("test").
             "probabilities": probabilities,
         }
@@ -413,12 +423,21 @@ def guard_test_set(split: DataSplit) -> DataSplit:
     """Keep copies of training images out of the test set before any training starts.
 
     A test set on disk (nature_12K's val/) with such copies is refused: the user must fix it.
-    A test set carved out here is cleaned: its leaked copies are dropped and counted.
+    A test set carved out here is cleaned: its leaked copies are dropped and counted; if none
+    is left, the data is refused too.
     """
     from inat_finetune.datacheck import assert_no_leakage, drop_leaked_test_images
+    from inat_finetune.errors import UserError
 
     if split.test_fraction is not None:
-        return drop_leaked_test_images(split)
+        cleaned = drop_leaked_test_images(split)
+        if not any(cleaned.test.values()):  # nothing left to test on: the run would crash
+            raise UserError(
+                f"{split.root}: every image of the carved test set is a copy of a training or "
+                f"validation image; delete the copies (`inat-finetune check-data {split.root}` "
+                "lists them)"
+            )
+        return cleaned
     assert_no_leakage(split)
     return split
 
@@ -834,7 +853,9 @@ def log_final_to_wandb(
             if isinstance(v, (int, float)) and v is not None
         }
     )
-    run.summary.update({f"test_acc/{k}": v for k, v in results["per_class_test_acc"].items()})
+    run.summary.update(
+        {f"test_acc/{k}": v for k, v in results["per_class_test_acc"].items() if v is not None}
+    )
     images = {f"figures/{name}": wandb.Image(str(path)) for name, path in figures.items()}
     if images:
         run.log(images)
