@@ -44,7 +44,7 @@ SHARED = ROOT.parent / "shared" / "datasets"
 
 def flowers_subset(dest: Path, per_class: tuple[int, int, int], seed: int = 0) -> Path:
     """A train/val/test tree of symlinks: per class ``per_class`` photos, drawn with ``seed``."""
-    from inat_finetune.data import scan_class_folders
+    from inat_finetune.data.folders import scan_class_folders
 
     source = SHARED / "flowers"
     by_class, _ = scan_class_folders(source, source)
@@ -138,11 +138,11 @@ def main() -> None:
     parser.add_argument("--reuse", type=Path, default=None, help="runs to take from this JSON")
     args = parser.parse_args()
 
-    from inat_finetune.config import load_config
-    from inat_finetune.data import make_split
-    from inat_finetune.evaluation import evaluate
+    from inat_finetune.data.folders import make_split
+    from inat_finetune.inference.evaluation import evaluate
     from inat_finetune.runfiles import write_json_atomic, write_text_atomic
-    from inat_finetune.training import train
+    from inat_finetune.training.config import load_config
+    from inat_finetune.training.run import train
 
     variants = dict(parse_variant(v) for v in args.variant)
     recipes = [r for r in args.recipes.split(",") if r] + list(variants)

@@ -32,11 +32,12 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from inat_finetune.allocator import keep_freed_memory
-from inat_finetune.caching import OFFSET, SHAPE, ArrayStore, source_fingerprint
-from inat_finetune.data import build_eval_transform, make_split
-from inat_finetune.models import IMAGENET_PREPROCESSING
-from inat_finetune.prepared import build, image_store, split_paths
+from inat_finetune.data.datamodule import build_eval_transform
+from inat_finetune.data.folders import make_split
+from inat_finetune.models.backbones import IMAGENET_PREPROCESSING
+from inat_finetune.runtime.allocator import keep_freed_memory
+from inat_finetune.speed.caching import OFFSET, SHAPE, ArrayStore, source_fingerprint
+from inat_finetune.speed.prepared import build, image_store, split_paths
 
 HASHES: dict[str, Callable[[bytes], object]] = {
     "zlib.crc32": zlib.crc32,

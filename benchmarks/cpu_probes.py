@@ -45,12 +45,12 @@ from pathlib import Path
 
 import torch
 
-from inat_finetune.config import TrainConfig, load_config
-from inat_finetune.data import make_split
-from inat_finetune.depthwise_grad import _input_grad, eligible, use_fast_depthwise_grad
-from inat_finetune.freezing import apply_strategy
-from inat_finetune.models import get_model
-from inat_finetune.training import train
+from inat_finetune.data.folders import make_split
+from inat_finetune.models.backbones import get_model
+from inat_finetune.models.freezing import apply_strategy
+from inat_finetune.speed.depthwise_grad import _input_grad, eligible, use_fast_depthwise_grad
+from inat_finetune.training.config import TrainConfig, load_config
+from inat_finetune.training.run import train
 
 HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hymenoptera"
 
@@ -206,7 +206,7 @@ def depthwise() -> None:
 
 
 def figures() -> None:
-    from inat_finetune.plots import RUN_FIGURES
+    from inat_finetune.reporting.plots import RUN_FIGURES
 
     with tempfile.TemporaryDirectory() as tmp:
         config = _hymenoptera(tmp, epochs=1, augment=False)
@@ -220,7 +220,7 @@ def figures() -> None:
 
 
 def allocator() -> None:
-    # Each in a fresh process: leaving the block sets glibc's thresholds for good (allocator.py),
+    # Each in a fresh process: leaving the block sets glibc's thresholds for good (runtime/allocator.py),
     # so a later comparison in the same process would not start from glibc's own defaults.
     import subprocess
 
@@ -229,7 +229,7 @@ def allocator() -> None:
 
 
 def _allocator_run() -> None:
-    from inat_finetune.comparison import SEED_STRATEGIES, compare
+    from inat_finetune.experiments.comparison import SEED_STRATEGIES, compare
 
     reuse = sys.argv[2] == "on"
     with tempfile.TemporaryDirectory() as tmp:

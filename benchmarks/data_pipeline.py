@@ -49,10 +49,11 @@ from run_speed import load, machine
 from torch.utils.data import DataLoader
 from torchvision import datasets
 
-from inat_finetune.allocator import freed_memory_kept, keep_freed_memory
-from inat_finetune.data import FineTuneDataModule, make_split
-from inat_finetune.models import IMAGENET_PREPROCESSING
-from inat_finetune.prepared import prepared_images_for
+from inat_finetune.data.datamodule import FineTuneDataModule
+from inat_finetune.data.folders import make_split
+from inat_finetune.models.backbones import IMAGENET_PREPROCESSING
+from inat_finetune.runtime.allocator import freed_memory_kept, keep_freed_memory
+from inat_finetune.speed.prepared import prepared_images_for
 
 
 def photo_like(path: Path, seed: int, size: tuple[int, int] = (1024, 768)) -> None:
@@ -152,7 +153,7 @@ def main() -> None:
         everything = split.samples("train") + split.samples("val") + split.samples("test")
         loader_args = dict(batch_size=args.batch_size, num_workers=args.workers)
         # The naive loader first, for both transforms: the project's allocator setting leaves
-        # glibc's thresholds fixed for the rest of the process (allocator.py), which would
+        # glibc's thresholds fixed for the rest of the process (runtime/allocator.py), which would
         # also speed up naive workers started after it.
         naive = {}
         for augment in (False, True):

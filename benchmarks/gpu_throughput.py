@@ -41,9 +41,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import datasets
 
-from inat_finetune.data import FineTuneDataModule, make_split
-from inat_finetune.models import IMAGENET_PREPROCESSING
-from inat_finetune.prepared import prepared_images_for
+from inat_finetune.data.datamodule import FineTuneDataModule
+from inat_finetune.data.folders import make_split
+from inat_finetune.models.backbones import IMAGENET_PREPROCESSING
+from inat_finetune.speed.prepared import prepared_images_for
 
 FULL = dict(img=224, batch=256, warmup=10, steps=40, images=4096, photo=(800, 600), epochs=2)
 SMOKE = dict(img=32, batch=2, warmup=1, steps=1, images=8, photo=(200, 150), epochs=1)

@@ -23,9 +23,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from inat_finetune.data import DataSplit, detect_layout
-from inat_finetune.freezing import apply_strategy
-from inat_finetune.models import get_model
+from inat_finetune.data.folders import DataSplit, detect_layout
+from inat_finetune.models.backbones import get_model
+from inat_finetune.models.freezing import apply_strategy
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -42,11 +42,13 @@ import torch
 from naive_loop import run_naive
 from torch.utils.data import DataLoader
 
-from inat_finetune.comparison import SEED_STRATEGIES, compare
-from inat_finetune.config import load_config
-from inat_finetune.data import ImageListDataset, build_eval_transform, make_split
-from inat_finetune.models import get_model
-from inat_finetune.training import cpu_supports_bf16, train
+from inat_finetune.data.datamodule import ImageListDataset, build_eval_transform
+from inat_finetune.data.folders import make_split
+from inat_finetune.experiments.comparison import SEED_STRATEGIES, compare
+from inat_finetune.models.backbones import get_model
+from inat_finetune.runtime.hardware import cpu_supports_bf16
+from inat_finetune.training.config import load_config
+from inat_finetune.training.run import train
 
 REPO = Path(__file__).resolve().parents[1]
 

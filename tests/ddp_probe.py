@@ -16,7 +16,8 @@ from typing import Any
 
 import lightning as L
 
-from inat_finetune import cli, training
+from inat_finetune.cli import main as cli
+from inat_finetune.training import run as training
 
 FEATURES_COMPUTED: list[int] = []  # backbone passes this rank ran to fill the feature cache
 

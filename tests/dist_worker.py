@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from inat_finetune import distributed
 from inat_finetune.errors import UserError
+from inat_finetune.runtime import distributed
 
 
 def free_port() -> int:

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from torch.utils.data import DataLoader, Dataset
 
-from inat_finetune.allocator import freed_memory_kept, keep_freed_memory
-from inat_finetune.data import FineTuneDataModule, make_split
-from inat_finetune.models import IMAGENET_PREPROCESSING
+from inat_finetune.data.datamodule import FineTuneDataModule
+from inat_finetune.data.folders import make_split
+from inat_finetune.models.backbones import IMAGENET_PREPROCESSING
+from inat_finetune.runtime.allocator import freed_memory_kept, keep_freed_memory
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 PAGES = 64 * 2**20 // 4096  # of one 64 MiB block, above glibc's largest mmap threshold

@@ -24,14 +24,15 @@ from conftest import ROOT, make_class_folders, write_image, write_tall_png
 from PIL import Image, ImageFile
 from typer.testing import CliRunner
 
-from inat_finetune import training
-from inat_finetune.cli import app
-from inat_finetune.config import load_config
-from inat_finetune.data import DataSplit, FineTuneDataModule, make_split
+from inat_finetune.cli.main import app
+from inat_finetune.data.datamodule import FineTuneDataModule
+from inat_finetune.data.folders import DataSplit, make_split
 from inat_finetune.errors import UserError, one_line
-from inat_finetune.evaluation import evaluate
-from inat_finetune.models import IMAGENET_PREPROCESSING
-from inat_finetune.training import train
+from inat_finetune.inference.evaluation import evaluate
+from inat_finetune.models.backbones import IMAGENET_PREPROCESSING
+from inat_finetune.training import run as training
+from inat_finetune.training.config import load_config
+from inat_finetune.training.run import train
 
 TINY = dict(
     backbone="mobilenet_v2",

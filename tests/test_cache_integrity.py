@@ -17,11 +17,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from typer.testing import CliRunner
 
-from inat_finetune.caching import INDEX_NAME, ArrayStore
-from inat_finetune.cli import app
-from inat_finetune.config import load_config
+from inat_finetune.cli.main import app
 from inat_finetune.errors import UserError
-from inat_finetune.training import train
+from inat_finetune.speed.caching import INDEX_NAME, ArrayStore
+from inat_finetune.training.config import load_config
+from inat_finetune.training.run import train
 
 DAMAGES = ("zeros", "random", "truncated")
 
@@ -272,7 +272,8 @@ def test_prepare_recomputes_damaged_images_and_says_so(tmp_path):
 def test_a_compaction_by_another_process_during_training_does_not_stop_it(tmp_path, monkeypatch):
     """Another process touches every photo and prepares them again until the cache is
     compacted into a new file, after this run opened it and before its loader workers start."""
-    from inat_finetune import prepared, training
+    from inat_finetune.speed import prepared
+    from inat_finetune.training import run as training
 
     make_class_folders(tmp_path / "data", {"ant": 6, "bee": 6})
     settings = dict(

@@ -16,21 +16,21 @@ from conftest import make_class_folders
 from torch.utils.data import Dataset
 from typer.testing import CliRunner
 
-from inat_finetune.checkpointing import (
+from inat_finetune.cli.main import app
+from inat_finetune.data.sampling import ResumableLoader
+from inat_finetune.errors import UserError
+from inat_finetune.models.checkpoints import read_checkpoint
+from inat_finetune.training.checkpointing import (
     AtomicCheckpointIO,
     BestAndLastCheckpoint,
     RunCSVLogger,
     capture_rng,
     keep_metrics_rows,
-    read_checkpoint,
     restore_rng,
 )
-from inat_finetune.cli import app
-from inat_finetune.config import load_config
-from inat_finetune.errors import UserError
-from inat_finetune.runlock import run_lock
-from inat_finetune.sampling import ResumableLoader
-from inat_finetune.training import train
+from inat_finetune.training.config import load_config
+from inat_finetune.training.run import train
+from inat_finetune.training.runlock import run_lock
 
 TINY = dict(
     backbone="mobilenet_v2",

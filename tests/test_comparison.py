@@ -8,10 +8,10 @@ import pytest
 from conftest import make_class_folders
 from typer.testing import CliRunner
 
-from inat_finetune.cli import app
-from inat_finetune.comparison import compare, parse_strategies, select_best
-from inat_finetune.config import load_config
+from inat_finetune.cli.main import app
 from inat_finetune.errors import UserError
+from inat_finetune.experiments.comparison import compare, parse_strategies, select_best
+from inat_finetune.training.config import load_config
 
 TINY = dict(backbone="mobilenet_v2", img_size=32, batch_size=8, num_workers=0, epochs=1)
 

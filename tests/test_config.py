@@ -7,9 +7,9 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from inat_finetune.config import TrainConfig, load_config
 from inat_finetune.errors import UserError
-from inat_finetune.freezing import STRATEGIES
+from inat_finetune.models.freezing import STRATEGIES
+from inat_finetune.training.config import TrainConfig, load_config
 
 
 def test_defaults_are_the_original_write_up():
@@ -85,7 +85,7 @@ def test_help_shows_the_defaults_written_in_brackets():
     # Typer renders option help as rich markup, in which "[default: resnet50]" is a style tag.
     from typer.testing import CliRunner
 
-    from inat_finetune.cli import app
+    from inat_finetune.cli.main import app
 
     result = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output

@@ -10,18 +10,15 @@ import torch
 from conftest import make_class_folders, write_image
 from PIL import Image
 
-from inat_finetune.data import (
-    DataSplit,
+from inat_finetune.data.datamodule import (
     FineTuneDataModule,
     build_eval_transform,
     build_train_transform,
-    detect_layout,
-    load_image,
-    make_split,
-    split_stratified,
 )
+from inat_finetune.data.folders import DataSplit, detect_layout, make_split, split_stratified
+from inat_finetune.data.images import load_image
 from inat_finetune.errors import UserError
-from inat_finetune.models import IMAGENET_PREPROCESSING
+from inat_finetune.models.backbones import IMAGENET_PREPROCESSING
 
 PRE = IMAGENET_PREPROCESSING.at_size(32)
 
@@ -245,7 +242,7 @@ def test_normalisation_in_one_step_equals_torchvisions_three():
     from torchvision import tv_tensors
     from torchvision.transforms import v2
 
-    from inat_finetune.data import ToNormalisedFloat
+    from inat_finetune.data.datamodule import ToNormalisedFloat
 
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
     reference = v2.Compose(

@@ -10,10 +10,10 @@ from conftest import write_image, write_tall_png
 from rich.console import Console
 from typer.testing import CliRunner
 
-from inat_finetune import datacheck
-from inat_finetune.cli import app
-from inat_finetune.data import make_split
-from inat_finetune.datacheck import assert_no_leakage, check_data, find_duplicates, render
+from inat_finetune.cli.main import app
+from inat_finetune.data import datacheck
+from inat_finetune.data.datacheck import assert_no_leakage, check_data, find_duplicates, render
+from inat_finetune.data.folders import make_split
 from inat_finetune.errors import UserError
 
 

@@ -7,7 +7,7 @@ import json
 from test_download import archive, images, serve, server  # noqa: F401 - pytest fixtures
 from typer.testing import CliRunner
 
-from inat_finetune.cli import app
+from inat_finetune.cli.main import app
 
 
 def test_demo_fetches_a_subset_compares_three_strategies_and_reports(server, archive, tmp_path):  # noqa: F811

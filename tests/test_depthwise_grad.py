@@ -8,8 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from inat_finetune.depthwise_grad import FastGradDepthwiseConv2d, eligible, use_fast_depthwise_grad
-from inat_finetune.models import get_model
+from inat_finetune.models.backbones import get_model
+from inat_finetune.speed.depthwise_grad import (
+    FastGradDepthwiseConv2d,
+    eligible,
+    use_fast_depthwise_grad,
+)
 
 
 def _grads(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor) -> list[torch.Tensor]:
@@ -107,7 +111,7 @@ def test_bf16_gradients_are_as_close_to_fp32_as_pytorchs(strategy):
     """Under bf16 autocast no path is exact; the fast one must not be further from fp32."""
     import copy
 
-    from inat_finetune.freezing import apply_strategy
+    from inat_finetune.models.freezing import apply_strategy
 
     torch.manual_seed(0)
     built = get_model("mobilenet_v2", num_classes=2, weights="none")

@@ -22,11 +22,11 @@ import torch.multiprocessing as mp
 from conftest import ROOT, make_class_folders
 from dist_worker import collectives, free_port
 
-from inat_finetune import distributed
-from inat_finetune.config import load_config
-from inat_finetune.distributed import ShardSampler, plan_world, scaled_lr, shared_directory
 from inat_finetune.errors import UserError
-from inat_finetune.training import train
+from inat_finetune.runtime import distributed
+from inat_finetune.runtime.distributed import ShardSampler, plan_world, scaled_lr, shared_directory
+from inat_finetune.training.config import load_config
+from inat_finetune.training.run import train
 
 PROBE = Path(__file__).with_name("ddp_probe.py")
 # resnet18 without weights: no dropout (unlike mobilenet_v2), so training is deterministic.

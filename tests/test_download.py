@@ -24,10 +24,10 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from inat_finetune import download as dl
-from inat_finetune.cli import app
-from inat_finetune.data import detect_layout, make_split
-from inat_finetune.download import download_dataset, download_subset
+from inat_finetune.cli.main import app
+from inat_finetune.data import download as dl
+from inat_finetune.data.download import download_dataset, download_subset
+from inat_finetune.data.folders import detect_layout, make_split
 from inat_finetune.errors import UserError
 
 CLASSES = [

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from inat_finetune.errors import UserError
-from inat_finetune.evaluation import load_checkpoint
-from inat_finetune.export import TOLERANCE, default_output_dir, export
-from inat_finetune.models import get_model
-from inat_finetune.training import CARD_KEY
+from inat_finetune.inference.evaluation import load_checkpoint
+from inat_finetune.inference.export import TOLERANCE, default_output_dir, export
+from inat_finetune.models.backbones import get_model
+from inat_finetune.models.checkpoints import CARD_KEY
 
 CLASSES = ["Amphibia", "Aves", "Fungi"]
 IMG_SIZE = 32  # small inputs keep resnet50 quick on 2 cores; the graph is the same at 224
@@ -119,7 +119,7 @@ def test_preprocessing_json_describes_the_input(
     # tensor as the package's own preprocessing: another runtime can really use it.
     from PIL import Image
 
-    from inat_finetune.predict import Predictor
+    from inat_finetune.inference.predict import Predictor
 
     rng = np.random.default_rng(0)
     photo = Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8))
@@ -158,7 +158,7 @@ def test_cli_export_writes_the_model_and_reports_the_check(
 ) -> None:
     from typer.testing import CliRunner
 
-    from inat_finetune.cli import app
+    from inat_finetune.cli.main import app
 
     out = tmp_path / "exported"
     args = ["export", str(checkpoints["mobilenet_v2"]), "--format", "torchscript"]

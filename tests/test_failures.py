@@ -19,12 +19,13 @@ from conftest import make_class_folders, write_image
 from typer.testing import CliRunner
 
 from inat_finetune import runfiles
-from inat_finetune.checkpointing import RunCSVLogger, read_checkpoint
-from inat_finetune.cli import app
-from inat_finetune.config import load_config
+from inat_finetune.cli.main import app
 from inat_finetune.errors import UserError
+from inat_finetune.models.checkpoints import read_checkpoint
 from inat_finetune.runfiles import write_json_atomic
-from inat_finetune.training import train
+from inat_finetune.training.checkpointing import RunCSVLogger
+from inat_finetune.training.config import load_config
+from inat_finetune.training.run import train
 
 TINY = dict(
     backbone="mobilenet_v2",
@@ -170,7 +171,7 @@ def _write_metrics(run: Path) -> None:
 
 
 def _write_figure(run: Path) -> None:
-    from inat_finetune.plots import plot_per_class_accuracy
+    from inat_finetune.reporting.plots import plot_per_class_accuracy
 
     plot_per_class_accuracy(run)
 
@@ -362,7 +363,7 @@ def test_a_class_with_no_test_images_is_warned_about_and_reported_as_na(tiny_run
     assert json.loads(shown.output[shown.output.index("{") :])["c"] is None
     assert "1 class(es) have no test images here: c; their accuracy is n/a" in _text(shown)
 
-    from inat_finetune.plots import plot_per_class_accuracy
+    from inat_finetune.reporting.plots import plot_per_class_accuracy
 
     assert plot_per_class_accuracy(tiny_run, tmp_path / "per_class.png").stat().st_size > 0
 
@@ -384,7 +385,7 @@ def test_the_summary_says_na_and_the_scan_warns(tmp_path):
 def test_a_full_disk_anywhere_else_is_one_line_naming_the_file(tmp_path, monkeypatch):
     """A write outside the atomic writer (a cache store, a library) that finds the disk full:
     one line naming the file, exit 2, not `unexpected OSError: [Errno 28]`."""
-    from inat_finetune import training
+    from inat_finetune.training import run as training
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", "/cache/images/data-0.bin")

@@ -11,13 +11,20 @@ import torch
 from conftest import make_class_folders, write_image
 from torch import nn
 
-from inat_finetune import features
-from inat_finetune.caching import ArrayStore
-from inat_finetune.comparison import compare
-from inat_finetune.config import load_config
-from inat_finetune.evaluation import evaluate
-from inat_finetune.features import blocks, feature_tail, frozen_prefix, probe, why_not_cacheable
-from inat_finetune.training import FineTuneModule, train
+from inat_finetune.experiments.comparison import compare
+from inat_finetune.inference.evaluation import evaluate
+from inat_finetune.speed import features
+from inat_finetune.speed.caching import ArrayStore
+from inat_finetune.speed.features import (
+    blocks,
+    feature_tail,
+    frozen_prefix,
+    probe,
+    why_not_cacheable,
+)
+from inat_finetune.tasks.classification import FineTuneModule
+from inat_finetune.training.config import load_config
+from inat_finetune.training.run import train
 
 TINY = dict(
     backbone="mobilenet_v2",
@@ -128,8 +135,8 @@ def test_a_changed_image_is_computed_again(runs):
     ],
 )
 def test_not_cached_when_features_could_change(change, reason):
-    from inat_finetune.freezing import apply_strategy
-    from inat_finetune.models import get_model
+    from inat_finetune.models.backbones import get_model
+    from inat_finetune.models.freezing import apply_strategy
 
     config = load_config(None, **{**TINY, **change})
     built = get_model("mobilenet_v2", num_classes=2, weights="none")
@@ -184,7 +191,7 @@ def test_probe_catches_what_a_module_scan_cannot(model, reason):
 
 
 def test_results_file_and_report_name_the_paths(runs):
-    from inat_finetune.report import write_report
+    from inat_finetune.reporting.report import write_report
 
     _, _, _, cached = runs
     results = json.loads((cached.run_dir / "results.json").read_text())
@@ -380,7 +387,7 @@ def test_frozen_prefix_stops_at_batch_statistics_and_randomness():
 
 
 def test_folded_network_for_the_autocast_feature_pass():
-    from inat_finetune.models import get_model
+    from inat_finetune.models.backbones import get_model
 
     torch.manual_seed(0)
     model = get_model("mobilenet_v2", num_classes=3, weights="none").model

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from inat_finetune.errors import UserError
-from inat_finetune.freezing import apply_strategy, frozen_batchnorm_layers
-from inat_finetune.models import get_model
-from inat_finetune.training import FineTuneModule
+from inat_finetune.models.backbones import get_model
+from inat_finetune.models.freezing import apply_strategy, frozen_batchnorm_layers
+from inat_finetune.tasks.classification import FineTuneModule
 
 NUM_CLASSES = 10
 

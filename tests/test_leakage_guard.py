@@ -16,8 +16,8 @@ import yaml
 from conftest import make_class_folders
 from typer.testing import CliRunner
 
-from inat_finetune.cli import app
-from inat_finetune.data import make_split
+from inat_finetune.cli.main import app
+from inat_finetune.data.folders import make_split
 
 TINY_ARGS = [
     "--backbone", "mobilenet_v2", "--img-size", "32", "--batch-size", "4",

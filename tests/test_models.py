@@ -8,9 +8,9 @@ import pytest
 import torch
 from skimage import data as skdata
 
-from inat_finetune.data import build_eval_transform
+from inat_finetune.data.datamodule import build_eval_transform
 from inat_finetune.errors import UserError
-from inat_finetune.models import (
+from inat_finetune.models.backbones import (
     FEATURED_BACKBONES,
     get_model,
     list_models,
@@ -72,7 +72,7 @@ def test_resnet50_defaults_to_v2_weights_and_v1_is_selectable(isolated_hub, monk
 
 
 def test_missing_offline_package_error_says_how_to_get_weights(isolated_hub, monkeypatch):
-    import inat_finetune.models as models
+    from inat_finetune.models import backbones as models
 
     monkeypatch.setattr(models, "PACKAGED_TORCHVISION_FILES", {})
     with pytest.raises(UserError, match="could not be loaded.*To get them"):
@@ -164,7 +164,7 @@ def test_list_models_starts_with_featured():
 def test_models_cli_lists_availability(isolated_hub):
     from typer.testing import CliRunner
 
-    from inat_finetune.cli import app
+    from inat_finetune.cli.main import app
 
     result = CliRunner().invoke(app, ["models"])
     assert result.exit_code == 0, result.output

@@ -15,9 +15,9 @@ import pytest
 import torch
 from conftest import make_class_folders
 
-from inat_finetune.checkpointing import AtomicCheckpointIO
-from inat_finetune.config import load_config
-from inat_finetune.training import train
+from inat_finetune.training.checkpointing import AtomicCheckpointIO
+from inat_finetune.training.config import load_config
+from inat_finetune.training.run import train
 
 TINY = dict(
     backbone="mobilenet_v2",

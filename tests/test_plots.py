@@ -14,12 +14,12 @@ from conftest import make_class_folders
 from PIL import Image
 from typer.testing import CliRunner
 
-from inat_finetune import plots
-from inat_finetune.cli import app
-from inat_finetune.config import TrainConfig
-from inat_finetune.data import DataSplit, SkippedFile
+from inat_finetune.cli.main import app
+from inat_finetune.data.folders import DataSplit, SkippedFile
 from inat_finetune.errors import UserError
+from inat_finetune.reporting import plots
 from inat_finetune.runfiles import write_json_atomic
+from inat_finetune.training.config import TrainConfig
 
 CLASSES = ("ants", "bees")
 # Solid colours far from red, so every strongly red pixel in a prediction grid is a mistake mark.

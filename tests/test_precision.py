@@ -7,8 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from inat_finetune import training
-from inat_finetune.training import cpu_supports_bf16, resolve_channels_last, resolve_precision
+from inat_finetune.runtime import hardware
+from inat_finetune.runtime.hardware import (
+    cpu_supports_bf16,
+    resolve_channels_last,
+    resolve_precision,
+)
 
 
 @pytest.mark.parametrize(
@@ -41,7 +45,7 @@ def test_no_cpuinfo_means_no_bf16(monkeypatch):
 
 
 def test_bf16_is_not_used_where_unsupported(monkeypatch):
-    monkeypatch.setattr(training, "cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr(hardware, "cpu_supports_bf16", lambda: False)
     assert resolve_precision("auto", "cpu") == "32-true"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert resolve_precision("auto", "cuda") == "16-mixed"  # e.g. a V100 or T4: fp16, not bf16
@@ -49,14 +53,14 @@ def test_bf16_is_not_used_where_unsupported(monkeypatch):
 
 
 def test_bf16_is_used_where_supported(monkeypatch):
-    monkeypatch.setattr(training, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(hardware, "cpu_supports_bf16", lambda: True)
     assert resolve_precision("auto", "cpu") == "bf16-mixed"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert resolve_precision("auto", "cuda") == "bf16-mixed"
 
 
 def test_explicit_choices_override_the_automatic_ones(monkeypatch):
-    monkeypatch.setattr(training, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(hardware, "cpu_supports_bf16", lambda: True)
     assert resolve_precision("32-true", "cpu") == "32-true"
     assert resolve_channels_last(None, "cpu") is True
     assert resolve_channels_last(None, "mps") is False
@@ -76,7 +80,7 @@ def test_explicit_choices_override_the_automatic_ones(monkeypatch):
 def test_default_workers_are_sized_to_the_machine(
     monkeypatch, cores, accelerator, prepared, expected
 ):
-    from inat_finetune import data
+    from inat_finetune.data import datamodule as data
 
     monkeypatch.setattr(data, "cpu_cores", lambda: cores)
     assert data.default_num_workers(accelerator, prepared) == expected

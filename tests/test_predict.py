@@ -12,13 +12,13 @@ import torch
 from conftest import HYMENOPTERA, require_shared, write_image, write_tall_png
 from typer.testing import CliRunner
 
-from inat_finetune import predict
-from inat_finetune.cli import app
-from inat_finetune.config import load_config
-from inat_finetune.evaluation import evaluate
-from inat_finetune.models import get_model
-from inat_finetune.predict import Predictor, predict_paths, write_csv, write_json
-from inat_finetune.training import train
+from inat_finetune.cli.main import app
+from inat_finetune.inference import predict
+from inat_finetune.inference.evaluation import evaluate
+from inat_finetune.inference.predict import Predictor, predict_paths, write_csv, write_json
+from inat_finetune.models.backbones import get_model
+from inat_finetune.training.config import load_config
+from inat_finetune.training.run import train
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,12 @@ from conftest import make_class_folders, write_image
 from PIL import Image
 from typer.testing import CliRunner
 
-from inat_finetune.caching import ArrayStore, cache_root
-from inat_finetune.cli import app
-from inat_finetune.data import FineTuneDataModule, make_split
-from inat_finetune.models import IMAGENET_PREPROCESSING
-from inat_finetune.prepared import image_store, prepare, prepared_images_for
+from inat_finetune.cli.main import app
+from inat_finetune.data.datamodule import FineTuneDataModule
+from inat_finetune.data.folders import make_split
+from inat_finetune.models.backbones import IMAGENET_PREPROCESSING
+from inat_finetune.speed.caching import ArrayStore, cache_root
+from inat_finetune.speed.prepared import image_store, prepare, prepared_images_for
 
 
 def _files(tmp_path, n):
@@ -194,8 +195,8 @@ def test_prepare_command(photos, tmp_path):
 
 
 def test_training_reads_the_cache_and_compiles_on_request(tmp_path, monkeypatch):
-    from inat_finetune.config import load_config
-    from inat_finetune.training import train
+    from inat_finetune.training.config import load_config
+    from inat_finetune.training.run import train
 
     compiled = []  # torch.compile itself takes minutes on 2 cores: record the call instead
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compiled.append(self))

@@ -11,9 +11,9 @@ from conftest import write_image
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from inat_finetune.config import TrainConfig, load_config
-from inat_finetune.data import make_split, split_stratified
+from inat_finetune.data.folders import make_split, split_stratified
 from inat_finetune.errors import UserError
+from inat_finetune.training.config import TrainConfig, load_config
 
 # File and class names as they come: any printable text, spaces and non-ASCII included.
 names = st.text(

@@ -7,9 +7,9 @@ import json
 from conftest import HYMENOPTERA, require_shared
 from typer.testing import CliRunner
 
-from inat_finetune.cli import app
-from inat_finetune.config import load_config
-from inat_finetune.training import train
+from inat_finetune.cli.main import app
+from inat_finetune.training.config import load_config
+from inat_finetune.training.run import train
 
 
 def test_linear_probe_on_hymenoptera_reaches_88_percent(tmp_path):

@@ -14,22 +14,23 @@ from test_stages import TinyResNet
 from torch.utils.data import DataLoader, TensorDataset
 from typer.testing import CliRunner
 
-from inat_finetune.augment import batch_mixer, dominant_labels
-from inat_finetune.cli import app
-from inat_finetune.config import STAGED, load_config
+from inat_finetune.cli.main import app
+from inat_finetune.data.augment import batch_mixer, dominant_labels
+from inat_finetune.data.tta import tta_logits
 from inat_finetune.errors import UserError
-from inat_finetune.evaluation import evaluate, load_checkpoint
-from inat_finetune.optim import (
+from inat_finetune.inference.evaluation import evaluate, load_checkpoint
+from inat_finetune.inference.predict import Predictor
+from inat_finetune.models.stages import UnfreezePlan, backbone_stages, parse_schedule
+from inat_finetune.tasks.classification import STAGE_KEY, FineTuneModule
+from inat_finetune.tasks.optim import (
     TrainingPlan,
     build_optimizer,
     build_scheduler,
     param_groups,
     swap_ema_for_saving,
 )
-from inat_finetune.predict import Predictor
-from inat_finetune.stages import UnfreezePlan, backbone_stages, parse_schedule
-from inat_finetune.training import STAGE_KEY, FineTuneModule, train
-from inat_finetune.tta import tta_logits
+from inat_finetune.training.config import STAGED, load_config
+from inat_finetune.training.run import train
 
 CARD = {
     "class_names": ["a", "b", "c"],
@@ -64,7 +65,7 @@ def test_frozen_parameters_in_the_optimizer_are_never_touched():
     torch.manual_seed(0)
     model = TinyResNet()
     stages = backbone_stages(model, "fc")
-    from inat_finetune.stages import apply_start
+    from inat_finetune.models.stages import apply_start
 
     apply_start(model, stages, 5)  # head only
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -437,7 +438,7 @@ def test_cli_names_the_valid_stages(tiny_data):
 def test_the_nature12k_config_resolves_on_resnet50():
     import torchvision
 
-    from inat_finetune.models import replace_classifier
+    from inat_finetune.models.backbones import replace_classifier
 
     config = load_config(Path(__file__).parents[1] / "configs" / "nature12k_resnet50_strong.yaml")
     assert (config.backbone, config.weights, config.img_size, config.test_img_size) == (
@@ -464,9 +465,9 @@ def test_run_stopped_mid_schedule_resumes_exactly(tmp_path, monkeypatch):
     import os
     import signal
 
-    from inat_finetune import training
-    from inat_finetune.checkpointing import read_checkpoint
-    from inat_finetune.resume import resume_run
+    from inat_finetune.models.checkpoints import read_checkpoint
+    from inat_finetune.training import run as training
+    from inat_finetune.training.resume import resume_run
 
     data = tmp_path / "data"
     make_class_folders(data, {"ant": 10, "bee": 10, "wasp": 10})  # 18 train images: 5 steps
@@ -526,7 +527,7 @@ def test_run_stopped_mid_schedule_resumes_exactly(tmp_path, monkeypatch):
 
 
 def test_smoothing_and_class_weights_shape_the_training_loss_only():
-    from inat_finetune.optim import class_weights
+    from inat_finetune.tasks.optim import class_weights
 
     weights = class_weights({"a": 30, "b": 10, "c": 20}, ["a", "b", "c"])
     assert weights == pytest.approx([60 / 90, 60 / 30, 60 / 60])
@@ -568,8 +569,8 @@ def test_policies_run_on_prepared_tensor_images_of_bicubic_models():
     """The image cache hands tensors to the transforms; EfficientNet-Lite0 resizes bicubically."""
     from torchvision import tv_tensors
 
-    from inat_finetune.augment import build_recipe_train_transform
-    from inat_finetune.models import Preprocessing
+    from inat_finetune.data.augment import build_recipe_train_transform
+    from inat_finetune.models.backbones import Preprocessing
 
     pre = Preprocessing(32, 36, (0.5,) * 3, (0.5,) * 3, "bicubic")
     image = tv_tensors.Image(torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8))

@@ -11,12 +11,12 @@ from conftest import make_class_folders
 from test_plots import make_run_dir
 from typer.testing import CliRunner
 
-from inat_finetune.cli import app
-from inat_finetune.config import TrainConfig
+from inat_finetune.cli.main import app
 from inat_finetune.errors import UserError
-from inat_finetune.report import RUN_SECTIONS, write_report
+from inat_finetune.reporting.report import RUN_SECTIONS, write_report
 from inat_finetune.runfiles import write_json_atomic
-from inat_finetune.training import train
+from inat_finetune.training.config import TrainConfig
+from inat_finetune.training.run import train
 
 EMBEDDED = "data:image/png;base64,"
 

@@ -18,14 +18,15 @@ from conftest import ROOT, make_class_folders
 from lightning.pytorch.callbacks import Callback
 from typer.testing import CliRunner
 
-from inat_finetune import training
-from inat_finetune.checkpointing import read_checkpoint
-from inat_finetune.cli import app
-from inat_finetune.config import load_config
+from inat_finetune.cli.main import app
 from inat_finetune.errors import UserError
-from inat_finetune.evaluation import evaluate
-from inat_finetune.resume import resume_config, resume_run, resumed_wandb_run
-from inat_finetune.training import CARD_KEY, train
+from inat_finetune.inference.evaluation import evaluate
+from inat_finetune.models.checkpoints import CARD_KEY, read_checkpoint
+from inat_finetune.training import run as training
+from inat_finetune.training.config import load_config
+from inat_finetune.training.loggers import resumed_wandb_run
+from inat_finetune.training.resume import resume_config, resume_run
+from inat_finetune.training.run import train
 
 # 10 images a class, flat layout: 6 train / 2 val / 2 test each, so 18 training images in
 # batches of 4 = 5 steps an epoch. fp32 on CPU: the same seed gives the same numbers.

@@ -30,12 +30,12 @@ from fastapi.testclient import TestClient
 from torch import nn
 from typer.testing import CliRunner
 
-from inat_finetune import serve as serve_module
-from inat_finetune.cli import app as cli_app
-from inat_finetune.models import get_model
-from inat_finetune.predict import Predictor, predict_paths
-from inat_finetune.serve import create_app, is_loopback
-from inat_finetune.training import CARD_KEY
+from inat_finetune.cli.main import app as cli_app
+from inat_finetune.inference import serve as serve_module
+from inat_finetune.inference.predict import Predictor, predict_paths
+from inat_finetune.inference.serve import create_app, is_loopback
+from inat_finetune.models.backbones import get_model
+from inat_finetune.models.checkpoints import CARD_KEY
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -547,7 +547,7 @@ def test_browser_oversized_upload_is_refused(browser, server_url, tmp_path) -> N
 def test_cli_serve_reports_a_bad_checkpoint(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from inat_finetune.cli import app
+    from inat_finetune.cli.main import app
 
     result = CliRunner().invoke(app, ["serve", str(tmp_path / "missing.ckpt"), "--port", "0"])
     assert result.exit_code == 2

@@ -7,8 +7,8 @@ import torchvision
 from torch import nn
 
 from inat_finetune.errors import UserError
-from inat_finetune.models import get_model, replace_classifier
-from inat_finetune.stages import (
+from inat_finetune.models.backbones import get_model, replace_classifier
+from inat_finetune.models.stages import (
     UnfreezePlan,
     apply_start,
     backbone_stages,

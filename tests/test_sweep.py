@@ -15,10 +15,9 @@ import yaml
 from conftest import ROOT, make_class_folders
 from typer.testing import CliRunner
 
-from inat_finetune.cli import app
-from inat_finetune.config import load_config
+from inat_finetune.cli.main import app
 from inat_finetune.errors import UserError
-from inat_finetune.sweep import (
+from inat_finetune.experiments.sweep import (
     OVER_BUDGET,
     default_storage,
     load_sweep_spec,
@@ -27,6 +26,7 @@ from inat_finetune.sweep import (
     sweep_dir_for,
     wandb_sweep_config,
 )
+from inat_finetune.training.config import load_config
 
 WORKER_TIMEOUT_S = 240
 BASE = dict(

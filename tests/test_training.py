@@ -12,11 +12,12 @@ import yaml
 from conftest import make_class_folders
 from typer.testing import CliRunner
 
-from inat_finetune.cli import app
-from inat_finetune.config import load_config
+from inat_finetune.cli.main import app
 from inat_finetune.errors import UserError
-from inat_finetune.evaluation import evaluate, load_checkpoint
-from inat_finetune.training import CARD_KEY, train
+from inat_finetune.inference.evaluation import evaluate, load_checkpoint
+from inat_finetune.models.checkpoints import CARD_KEY
+from inat_finetune.training.config import load_config
+from inat_finetune.training.run import train
 
 TINY = dict(backbone="mobilenet_v2", img_size=32, batch_size=8, num_workers=0, epochs=2)
 
@@ -82,7 +83,7 @@ def test_checkpoint_is_self_describing_and_loads_weights_only(tiny_run):
 
 
 def test_uint8_images_given_straight_to_the_model_get_a_clear_error(tiny_run):
-    from inat_finetune.training import FineTuneModule
+    from inat_finetune.tasks.classification import FineTuneModule
 
     model, card = load_checkpoint(tiny_run.run_dir / "checkpoints" / "best.ckpt")
     module = FineTuneModule(model, card).eval()

@@ -10,7 +10,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from inat_finetune.errors import UserError
-from inat_finetune.models import get_model, list_models
+from inat_finetune.models.backbones import get_model, list_models
 
 __version__ = "0.1.0"
 __all__ = ["UserError", "get_model", "list_models", "__version__"]

@@ -1,3 +1,3 @@
-from inat_finetune.cli import app
+from inat_finetune.cli.main import app
 
 app(prog_name="inat-finetune")

@@ -1,0 +1,209 @@
+"""Compare freezing strategies on one split, pick the best by validation accuracy, train it longer.
+
+This is the original write-up's Steps 6 and 7 as one call. Every strategy sees the same split
+and the same seed, so the only difference between the runs is what trains. The winner is chosen
+on validation accuracy only: choosing on test accuracy would make the reported test accuracy
+an optimistic estimate.
+
+    runs/<timestamp>-compare/
+        comparison.json   rows (one per strategy), best_strategy, selected_by, then_trained
+        comparison.md     the same table for humans
+        figures/comparison.png, report.html
+        runs/<strategy>/  one ordinary run directory per strategy (and final-<strategy>/)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from inat_finetune.data.folders import make_split
+from inat_finetune.errors import UserError
+from inat_finetune.models.freezing import STRATEGIES
+from inat_finetune.runfiles import new_run_dir, write_json_atomic, write_text_atomic
+from inat_finetune.runtime.distributed import (
+    broadcast_from_zero,
+    is_global_zero,
+    join_launched_group,
+    plan_world,
+    shared_directory,
+)
+from inat_finetune.runtime.hardware import resolve_accelerator
+from inat_finetune.training.config import TrainConfig
+from inat_finetune.training.run import guard_test_set, train
+
+log = logging.getLogger(__name__)
+
+
+SEED_STRATEGIES = ("freeze_last", "freeze_k_percent", "freeze_except_bn_and_fc")
+
+
+SELECTED_BY = "val_acc"
+
+
+@dataclass
+class ComparisonResult:
+    comparison_dir: Path
+    comparison: dict[str, Any]
+
+
+def parse_strategies(text: str) -> list[str]:
+    strategies = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown or not strategies:
+        raise UserError(
+            f"--strategies {text}: unknown {unknown or 'empty list'}; use a comma-separated "
+            f"list of {', '.join(STRATEGIES)}"
+        )
+    if len(set(strategies)) != len(strategies):
+        raise UserError(f"--strategies {text}: a strategy is listed twice")
+    return strategies
+
+
+def select_best(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Highest validation accuracy; ties go to the run with fewer trainable parameters."""
+    return max(rows, key=lambda row: (row[SELECTED_BY], -row["trainable_params"]))
+
+
+def comparison_markdown(comparison: dict[str, Any]) -> str:
+    lines = [
+        "| strategy | train acc | val acc | test acc | trainable params | wall time (s) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in comparison["rows"]:
+        mark = " **(selected)**" if row["strategy"] == comparison["best_strategy"] else ""
+        lines.append(
+            f"| {row['strategy']}{mark} | {100 * row['train_acc']:.2f}% | "
+            f"{100 * row['val_acc']:.2f}% | {100 * row['test_acc']:.2f}% | "
+            f"{row['trainable_params']:,} | {row['wall_time_s']:.1f} |"
+        )
+    lines.append("")
+    lines.append(f"Selected by validation accuracy: **{comparison['best_strategy']}**.")
+    final = comparison.get("final")
+    if final:
+        lines.append(
+            f"Then trained for {final['epochs']} epochs: val {100 * final['val_acc']:.2f}%, "
+            f"test {100 * final['test_acc']:.2f}%."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _row(strategy: str, run_dir: Path, base: Path, results: dict[str, Any], wall: float) -> dict:
+    return {
+        "strategy": strategy,
+        "run_dir": run_dir.relative_to(base).as_posix(),
+        "train_acc": results["final_train_acc"],
+        "val_acc": results["best_val_acc"],
+        "test_acc": results["test_acc"],
+        "trainable_params": results["trainable_params"],
+        "total_params": results["total_params"],
+        "wall_time_s": round(wall, 2),
+    }
+
+
+def compare(
+    config: TrainConfig,
+    strategies: list[str] | tuple[str, ...] = SEED_STRATEGIES,
+    then_train_epochs: int | None = None,
+    progress: bool = True,
+    report: bool = True,
+) -> ComparisonResult:
+    """Train each strategy with ``config`` on one shared split; see the module docstring."""
+    if config.data is None:
+        raise UserError("--data is required: the folder that holds the images")
+    if then_train_epochs is not None and then_train_epochs < 1:
+        raise UserError(f"--then-train-epochs {then_train_epochs}: must be at least 1")
+    # Under DDP every process runs this loop; rank 0 alone scans and writes (see distributed).
+    accelerator = resolve_accelerator(config.accelerator)
+    world = plan_world(config.devices, config.num_nodes, accelerator)
+    join_launched_group(accelerator)
+    zero = is_global_zero()
+    split = broadcast_from_zero(
+        lambda: guard_test_set(
+            make_split(
+                config.data,
+                config.seed,
+                config.val_fraction,
+                config.test_fraction,
+                progress=progress and zero,
+            )
+        )
+    )
+    comparison_dir = shared_directory(
+        lambda: new_run_dir(config.output, config.run_name or "compare"), world.processes
+    )
+    group = comparison_dir.name
+    runs_dir = comparison_dir / "runs"
+    rows = []
+    for strategy in strategies:
+        log.info("Strategy %s (%d of %d)", strategy, len(rows) + 1, len(strategies))
+        run_config = config.model_copy(
+            update={
+                "strategy": strategy,
+                "output": str(runs_dir),
+                "run_name": strategy,
+                "wandb_group": group,
+            }
+        )
+        started = time.perf_counter()
+        result = train(
+            run_config,
+            split=split,
+            progress=progress,
+            report=report,
+            # The linear probe's one pass over the backbone also stores what the strategies
+            # after it reuse (the output of their frozen prefix).
+            share_features_with=strategies[len(rows) + 1 :],
+        )
+        rows.append(
+            _row(
+                strategy,
+                result.run_dir,
+                comparison_dir,
+                result.results,
+                time.perf_counter() - started,
+            )
+        )
+    best = broadcast_from_zero(lambda: select_best(rows))
+    comparison: dict[str, Any] = {
+        "rows": rows,
+        "best_strategy": best["strategy"],
+        "selected_by": SELECTED_BY,
+        "then_trained": None,
+        "final": None,
+        "data": split.root,
+        "seed": config.seed,
+        "epochs": config.epochs,
+    }
+    if then_train_epochs:
+        final_config = config.model_copy(
+            update={
+                "strategy": best["strategy"],
+                "epochs": then_train_epochs,
+                "output": str(runs_dir),
+                "run_name": f"final-{best['strategy']}",
+                "wandb_group": group,
+            }
+        )
+        final = train(final_config, split=split, progress=progress, report=report)
+        comparison["then_trained"] = final.run_dir.relative_to(comparison_dir).as_posix()
+        comparison["final"] = {
+            "strategy": best["strategy"],
+            "epochs": then_train_epochs,
+            "val_acc": final.results["best_val_acc"],
+            "test_acc": final.results["test_acc"],
+        }
+    if not zero:
+        return ComparisonResult(comparison_dir, comparison)
+    write_json_atomic(comparison_dir / "comparison.json", comparison)
+    write_text_atomic(comparison_dir / "comparison.md", comparison_markdown(comparison))
+    if report:
+        from inat_finetune.reporting.plots import plot_comparison
+        from inat_finetune.reporting.report import write_report
+
+        plot_comparison(comparison_dir)
+        write_report(comparison_dir)
+    return ComparisonResult(comparison_dir, comparison)
