@@ -19,7 +19,9 @@ leaves out is added here:
   checkpoint, not before, so a resume that stops earlier leaves it whole.
 * ``RelocatableCheckpoint`` (and ``BestAndLastCheckpoint``, built on it) reloads the best score
   and best checkpoint from a run directory that was copied or moved since it was saved, where
-  Lightning would drop them and let a worse epoch overwrite ``best.ckpt``.
+  Lightning would drop them and let a worse epoch overwrite ``best.ckpt``. It also removes
+  ``results.json`` just before a new best replaces ``best.ckpt`` in an extended run, so the
+  results never describe a checkpoint that is gone.
 """
 
 from __future__ import annotations
@@ -273,10 +275,22 @@ class BestAndLastCheckpoint(RelocatableCheckpoint):
     """
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._retire_results_before_a_new_best(trainer)
         super().on_validation_end(trainer, pl_module)
         # Skipped when the parent just wrote last.ckpt (a new best) at this step.
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _retire_results_before_a_new_best(self, trainer: L.Trainer) -> None:
+        """A finished run being extended: its ``results.json`` describes ``best.ckpt``, so it
+        goes just before a new best replaces that file (and is written anew when the run ends).
+        While no epoch beats the old best, or when the new best cannot be written (a full
+        disk), it stays: it still describes the ``best.ckpt`` on disk."""
+        if self.dirpath is None or self._should_skip_saving_checkpoint(trainer):
+            return
+        current = self._monitor_candidates(trainer).get(self.monitor)
+        if current is not None and self.check_monitor_top_k(trainer, current):
+            (Path(self.dirpath).parent / "results.json").unlink(missing_ok=True)
 
 
 def periodic_last_checkpoint(

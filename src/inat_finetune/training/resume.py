@@ -15,8 +15,8 @@ to be.
 
 A resume changes nothing in the run directory until it has passed every check (the options,
 the checkpoint, ``--epochs``) and found every image of the split still there and decodable;
-then ``config.yaml`` is rewritten and ``results.json`` removed just before training restarts,
-and ``metrics.csv`` is cut back to the checkpoint's rows when the checkpoint is restored. It
+then ``config.yaml`` is rewritten just before training restarts, ``results.json`` is removed
+only when a new best replaces ``best.ckpt`` (``checkpointing.BestAndLastCheckpoint``), and ``metrics.csv`` is cut back to the checkpoint's rows when the checkpoint is restored. It
 holds the run's ``run.lock`` throughout (``runlock``): a second resume of the same run, or one
 of a run still training, is refused with a line naming the process that holds it.
 """

@@ -486,12 +486,10 @@ def _train(
 
 
 def write_run_files(run_dir: Path, config: TrainConfig, split: DataSplit) -> None:
-    """config.yaml, split.json and dataset.json; results.json goes: the run is not finished."""
+    """config.yaml, split.json and dataset.json (results.json: see BestAndLastCheckpoint)."""
     write_yaml_atomic(run_dir / "config.yaml", config.to_yaml_dict())
     split.save(run_dir / "split.json")
     write_json_atomic(run_dir / "dataset.json", split.summary())
-    # A finished run being extended: its results describe epochs best.ckpt may no longer hold.
-    (run_dir / "results.json").unlink(missing_ok=True)
 
 
 def lr_find_before_training(
