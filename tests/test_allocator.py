@@ -24,7 +24,7 @@ PAGES = 64 * 2**20 // 4096  # of one 64 MiB block, above glibc's largest mmap th
 PROBE = """
 import json, resource, sys
 import torch
-from inat_finetune.allocator import freed_memory_kept
+from inat_finetune.runtime.allocator import freed_memory_kept
 
 def faults(count):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -222,7 +222,7 @@ def test_symlink_loops_are_reported_and_not_followed(image_folder):
 SCAN = """
 import json, sys
 from pathlib import Path
-from inat_finetune.data import scan_class_folders
+from inat_finetune.data.folders import scan_class_folders
 root = Path(sys.argv[1])
 found, skipped = scan_class_folders(root, root)
 print(json.dumps({"found": found, "skipped": {s.path: s.reason for s in skipped}}))

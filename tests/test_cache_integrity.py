@@ -64,7 +64,7 @@ def test_damaged_entries_are_computed_again_with_a_warning(tmp_path, caplog, how
     store.update(files, _pixels)
     damage(store.data_path, how)
     again = _store(tmp_path)  # the next run: every source file is unchanged
-    with caplog.at_level(logging.WARNING, logger="inat_finetune.caching"):
+    with caplog.at_level(logging.WARNING, logger="inat_finetune.speed.caching"):
         computed = again.update(files, _pixels)
     arrays = _store(tmp_path).arrays(files)
     for path in files:
@@ -239,7 +239,7 @@ def test_a_damaged_cache_gives_the_clean_runs_results(clean, how, caplog, tmp_pa
     settings = {**settings, "cache_dir": str(cache)}
     (data_file,) = (cache / kind).glob("*/data-*.bin")
     damage(data_file, how)
-    with caplog.at_level(logging.WARNING, logger="inat_finetune.caching"):
+    with caplog.at_level(logging.WARNING, logger="inat_finetune.speed.caching"):
         again = train(load_config(None, **settings), progress=False, report=False)
     for name in ("test_acc", "test_loss", "best_val_acc", "confusion_matrix"):
         assert again.results[name] == first.results[name], name
