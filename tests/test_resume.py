@@ -139,12 +139,12 @@ def _step_in_second_epoch(checkpoint: Path) -> int | None:
 # watcher below must see a mid-epoch checkpoint and kill the run before the epoch ends.
 SLOW_STEPS_MAIN = """
 import time
-from inat_finetune import training
-step = training.FineTuneModule.training_step
+from inat_finetune.tasks import FineTuneModule
+step = FineTuneModule.training_step
 def slow_step(self, batch, batch_idx):
     time.sleep(0.2)
     return step(self, batch, batch_idx)
-training.FineTuneModule.training_step = slow_step
+FineTuneModule.training_step = slow_step
 from inat_finetune.cli import app
 app(prog_name="inat-finetune")
 """
