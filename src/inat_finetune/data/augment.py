@@ -4,21 +4,15 @@ and MixUp/CutMix on batches (all torchvision transforms v2).
 Validation and test images are never augmented; test-time augmentation is ``data/tta.py``.
 """
 
-
 from __future__ import annotations
-
 
 from typing import Any
 
 import torch
-
 from torchvision.transforms import v2
 
-from inat_finetune.data.datamodule import output_steps, build_train_transform
-
+from inat_finetune.data.datamodule import build_train_transform, output_steps
 from inat_finetune.models.backbones import Preprocessing
-
-
 
 AUGMENTATIONS = ("seed", "trivialaugment", "randaugment")
 
@@ -87,4 +81,3 @@ def dominant_labels(targets: torch.Tensor) -> torch.Tensor:
     mostly-other image as wrong.
     """
     return targets.argmax(dim=1)
-

@@ -15,35 +15,22 @@ identical size, and photo sizes rarely collide, so most files are never read at 
 is the quick check ``train`` and ``compare`` run on the split they are about to use.
 """
 
-
 from __future__ import annotations
 
-
 import hashlib
-
 import logging
-
 import os
-
 from collections import defaultdict
-
 from collections.abc import Iterable
-
 from concurrent.futures import ThreadPoolExecutor
-
 from dataclasses import dataclass, field, replace
-
 from pathlib import Path
 
 from rich.console import Console
-
 from rich.table import Table
 
 from inat_finetune.data.folders import DataSplit, SkippedFile, detect_layout, scan_class_folders
-
 from inat_finetune.errors import UserError
-
-
 
 log = logging.getLogger(__name__)
 
@@ -299,4 +286,3 @@ def drop_leaked_test_images(split: DataSplit) -> DataSplit:
     ]
     log.warning("Removed %d test images identical to training/validation images", len(leaked))
     return replace(split, test=test, skipped=skipped)
-

@@ -9,59 +9,24 @@ resumes exactly. Code that iterates the loaders outside a Trainer calls
 ``datamodule.on_after_batch_transfer(batch)`` or builds it with ``normalise_on_device=False``.
 """
 
-
 from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
 
 from inat_finetune.data.folders import DataSplit
 from inat_finetune.data.images import load_image, unusable_after_scan
-
-
-import logging
-
-import os
-
-import random
-
-import stat
-
-import warnings
-
-from collections import Counter
-
-from collections.abc import Sequence
-
-from concurrent.futures import ThreadPoolExecutor
-
-from contextlib import nullcontext
-
-from dataclasses import asdict, dataclass, field
-
-from pathlib import Path
-
-from typing import IO, Any
-
-import lightning as L
-
-import numpy as np
-
-import torch
-
-from PIL import Image, ImageOps
-
-from torch.utils.data import DataLoader, Dataset
-
-from torchvision.transforms import v2
-
-from inat_finetune.runtime.allocator import keep_freed_memory
-
-from inat_finetune.runtime.distributed import evaluation_sampler
-
 from inat_finetune.errors import UserError
-
 from inat_finetune.models.backbones import Preprocessing
-
-from inat_finetune.runfiles import read_json, write_json_atomic
-
+from inat_finetune.runtime.allocator import keep_freed_memory
+from inat_finetune.runtime.distributed import evaluation_sampler
 
 
 class ImageListDataset(Dataset):
@@ -306,4 +271,3 @@ class FineTuneDataModule(L.LightningDataModule):
         if self.normalise is not None and images.dtype == torch.uint8:
             images = self.normalise(images)
         return images, labels
-

@@ -21,54 +21,31 @@ requests (N training and M test images per class, chosen by seed): megabytes ins
 gigabytes, the same layout on disk, so every other command works on it unchanged.
 """
 
-
 from __future__ import annotations
 
-
 import errno
-
 import http.client
-
 import logging
-
 import os
-
 import random
-
 import re
-
 import shutil
-
 import stat
-
 import tempfile
-
 import time
-
 import urllib.parse
-
 import urllib.request
-
 import zipfile
-
 import zlib
-
 from collections.abc import Iterator
-
 from contextlib import contextmanager
-
 from dataclasses import dataclass, field
-
 from pathlib import Path, PurePosixPath, PureWindowsPath
-
 from typing import Any
-
 from urllib.error import HTTPError, URLError
 
 from rich.console import Console
-
 from rich.filesize import decimal
-
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -80,12 +57,8 @@ from rich.progress import (
 )
 
 from inat_finetune.data.images import IMAGE_EXTENSIONS
-
 from inat_finetune.errors import UserError
-
 from inat_finetune.runfiles import read_json, write_json_atomic
-
-
 
 log = logging.getLogger(__name__)
 
@@ -780,4 +753,3 @@ def download_subset(
     result = _finish(dest, stem, entries, wanted, remote.bytes_fetched, junk)
     result.short_classes = short
     return result
-

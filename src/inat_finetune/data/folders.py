@@ -16,59 +16,23 @@ skipped, counted and reported, never silently dropped and never fed to the netwo
 How one file is judged (memory bounds, pipes, decoding) is ``data.images``.
 """
 
-
 from __future__ import annotations
 
-from inat_finetune.data.images import check_image
-
-
 import logging
-
 import os
-
 import random
-
-import stat
-
 import warnings
-
 from collections import Counter
-
-from collections.abc import Sequence
-
 from concurrent.futures import ThreadPoolExecutor
-
-from contextlib import nullcontext
-
 from dataclasses import asdict, dataclass, field
-
 from pathlib import Path
+from typing import Any
 
-from typing import IO, Any
+from PIL import Image
 
-import lightning as L
-
-import numpy as np
-
-import torch
-
-from PIL import Image, ImageOps
-
-from torch.utils.data import DataLoader, Dataset
-
-from torchvision.transforms import v2
-
-from inat_finetune.runtime.allocator import keep_freed_memory
-
-from inat_finetune.runtime.distributed import evaluation_sampler
-
+from inat_finetune.data.images import check_image
 from inat_finetune.errors import UserError
-
-from inat_finetune.models.backbones import Preprocessing
-
 from inat_finetune.runfiles import read_json, write_json_atomic
-
-
 
 log = logging.getLogger(__name__)
 
@@ -343,4 +307,3 @@ def _require_images(by_class: dict[str, list[str]], folder: Path) -> None:
         raise UserError(
             f"{folder}: class folders {empty} hold no readable images; add images or remove them"
         )
-

@@ -17,57 +17,19 @@ them: opening a named pipe would wait forever for a writer. ``check_image`` is t
 verdict on one file: None when it is a usable image, else the reason it is skipped.
 """
 
-
 from __future__ import annotations
 
-
-import logging
-
 import os
-
-import random
-
 import stat
-
 import warnings
-
-from collections import Counter
-
 from collections.abc import Sequence
-
 from concurrent.futures import ThreadPoolExecutor
-
 from contextlib import nullcontext
-
-from dataclasses import asdict, dataclass, field
-
 from pathlib import Path
-
-from typing import IO, Any
-
-import lightning as L
+from typing import IO
 
 import numpy as np
-
-import torch
-
 from PIL import Image, ImageOps
-
-from torch.utils.data import DataLoader, Dataset
-
-from torchvision.transforms import v2
-
-from inat_finetune.runtime.allocator import keep_freed_memory
-
-from inat_finetune.runtime.distributed import evaluation_sampler
-
-from inat_finetune.errors import UserError
-
-from inat_finetune.models.backbones import Preprocessing
-
-from inat_finetune.runfiles import read_json, write_json_atomic
-
-
 
 # GIF is left out on purpose: in scraped datasets GIFs are placeholders ("image not found")
 # or animations, not photographs.
@@ -270,4 +232,3 @@ def unusable_after_scan(path: str | Path, exc: Exception) -> str:
     else:
         what = f"could not be decoded ({exc}); it changed after the data was scanned: replace it"
     return f"{path}: {what}, {again}"
-

@@ -11,24 +11,17 @@ with the same augmentations as a run that was never interrupted. Two things make
   worker processes, or on the global random state at the moment the loader restarted.
 """
 
-
 from __future__ import annotations
 
-
 import random
-
 from collections.abc import Iterator
-
 from typing import Any
 
 import numpy as np
-
 import torch
-
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from inat_finetune.runtime.allocator import keep_freed_memory
-
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -151,4 +144,3 @@ class ResumableLoader(DataLoader):
         sampler.set_epoch(epoch)
         sampler.resume_at = (epoch, done * self.batch_size)  # type: ignore[operator]
         self._batches_done = done
-

@@ -11,21 +11,15 @@ One implementation serves ``evaluate``, the test step at the end of ``train`` an
 Logits (not probabilities) are averaged, as the seed-era ``predict --tta`` did.
 """
 
-
 from __future__ import annotations
-
 
 from collections.abc import Callable
 
 import torch
-
 from torchvision.transforms import v2
 
-from inat_finetune.data.datamodule import output_steps, build_eval_transform
-
+from inat_finetune.data.datamodule import build_eval_transform, output_steps
 from inat_finetune.models.backbones import Preprocessing
-
-
 
 TTA_MODES = ("none", "flip", "multicrop")
 
@@ -83,4 +77,3 @@ def tta_logits(
             total = logits if total is None else total + logits
     assert total is not None
     return total / (2 * len(views))
-
