@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 
 from inat_finetune.cli.main import app
 from inat_finetune.data import download as dl
+from inat_finetune.data import transfer
 from inat_finetune.data.download import download_dataset, download_subset
 from inat_finetune.data.folders import detect_layout, make_split
 from inat_finetune.errors import UserError
@@ -340,7 +341,7 @@ def test_corrupt_archive_is_rejected_before_extraction(server, archive, tmp_path
     url = serve(server, _flip_bytes_in_member(archive, member))
     dest = tmp_path / "data"
     extracted = []
-    monkeypatch.setattr(dl, "_extract_member", lambda *args: extracted.append(args))
+    monkeypatch.setattr(dl, "extract_member", lambda *args: extracted.append(args))
     with pytest.raises(UserError, match=rf"corrupt .*{member}"):
         download_dataset(url, dest, progress=False)
     assert extracted == []  # verification failed before a single member was extracted
@@ -469,7 +470,7 @@ def test_connection_refused_is_a_clear_error(tmp_path, mode):
 
 def test_not_enough_disk_space_is_refused_up_front(server, archive, tmp_path, monkeypatch):
     url = serve(server, archive)
-    monkeypatch.setattr(dl.shutil, "disk_usage", lambda _: type("U", (), {"free": 1000})())
+    monkeypatch.setattr(transfer.shutil, "disk_usage", lambda _: type("U", (), {"free": 1000})())
     with pytest.raises(UserError, match="free some space"):
         download_dataset(url, tmp_path / "data", progress=False)
 
@@ -481,7 +482,7 @@ def test_disk_full_while_writing_is_a_clear_error(server, archive, tmp_path, mon
         def write(self, data: bytes) -> int:
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(dl, "open", lambda *a, **k: FullDisk(), raising=False)
+    monkeypatch.setattr(transfer, "open", lambda *a, **k: FullDisk(), raising=False)
     with pytest.raises(UserError, match="disk full while downloading"):
         download_dataset(url, tmp_path / "data", progress=False)
 

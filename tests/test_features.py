@@ -15,7 +15,7 @@ from inat_finetune.experiments.comparison import compare
 from inat_finetune.inference.evaluation import evaluate
 from inat_finetune.speed import features
 from inat_finetune.speed.caching import ArrayStore
-from inat_finetune.speed.features import (
+from inat_finetune.speed.probing import (
     blocks,
     feature_tail,
     frozen_prefix,

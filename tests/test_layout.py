@@ -1,4 +1,5 @@
-"""The package layout holds: layers import downward only, and no private name crosses modules."""
+"""The package layout holds: layers import downward only, no private name crosses modules, and
+modules and functions stay short (or say why they are not)."""
 
 from __future__ import annotations
 
@@ -49,3 +50,72 @@ def test_package_inits_only_re_export():
         tree = ast.parse(init.read_text(encoding="utf-8"))
         kinds = {type(node).__name__ for node in tree.body[1:]}  # after the docstring
         assert kinds <= {"ImportFrom", "Assign"}, (init, kinds)
+
+
+MAX_MODULE_LINES = 500
+MAX_FUNCTION_LINES = 80
+
+# Work in progress: modules other engineers of issue 17 are rewriting (the run as named phases,
+# each option declared once, the Python API), still over a limit here. Empty this as they land;
+# test_work_in_progress_allowlist_is_current fails for an entry that no longer needs to be here.
+WORK_IN_PROGRESS = {
+    "cli/main.py": "options generated from TrainConfig (module; train, sweep)",
+    "training/run.py": "the run as named phases (module; _train)",
+    "reporting/plots.py": "notebook figures for the Python API (module)",
+    "experiments/comparison.py": "the shared split and process set-up (compare)",
+}
+
+
+def oversized(source: str) -> list[str]:
+    """What in ``source`` is over the limits: the module's length, then each long function."""
+    found = []
+    lines = len(source.splitlines())
+    if lines > MAX_MODULE_LINES:
+        found.append(f"module: {lines} lines")
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            length = node.end_lineno - node.lineno + 1
+            if length > MAX_FUNCTION_LINES:
+                found.append(f"{node.name} (line {node.lineno}): {length} lines")
+    return found
+
+
+def states_why_longer(source: str) -> bool:
+    """The module docstring has a line starting "Longer than" (saying why it is)."""
+    docstring = ast.get_docstring(ast.parse(source)) or ""
+    return any(line.strip().startswith("Longer than") for line in docstring.splitlines())
+
+
+def test_the_size_check_sees_long_modules_and_functions():
+    body = "\n".join(f"    x = {i}" for i in range(80))
+    assert oversized(f"def f():\n{body}\n") == ["f (line 1): 81 lines"]
+    assert oversized(f"def f():\n{body[:-11]}\n") == []
+    assert oversized("x = 1\n" * 501) == ["module: 501 lines"]
+    assert states_why_longer('"""Tables.\n\nLonger than 500 lines because ..."""\n')
+    assert not states_why_longer('"""Tables; not longer than it needs."""\n')
+
+
+def test_modules_and_functions_stay_short_or_say_why():
+    # At most 500 lines a module and 80 a function, unless the module docstring has a line
+    # "Longer than ... because ...".
+    offenders = {}
+    for path in sorted(SRC.rglob("*.py")):
+        name = path.relative_to(SRC).as_posix()
+        source = path.read_text(encoding="utf-8")
+        if name in WORK_IN_PROGRESS or states_why_longer(source):
+            continue
+        if found := oversized(source):
+            offenders[name] = found
+    assert offenders == {}, (
+        "split these into named steps or cohesive modules, or state why in the module "
+        "docstring with a line starting 'Longer than'"
+    )
+
+
+def test_work_in_progress_allowlist_is_current():
+    settled = [
+        name
+        for name in WORK_IN_PROGRESS
+        if not (SRC / name).is_file() or not oversized((SRC / name).read_text(encoding="utf-8"))
+    ]
+    assert settled == [], f"within the limits now: remove {settled} from WORK_IN_PROGRESS"

@@ -4,16 +4,12 @@ The page carries everything inside itself (figures as base64 PNG data URIs, CSS 
 scripts, fonts or links to anywhere else), so it can be mailed, archived or opened offline and
 still show the whole experiment. Figures that are missing are drawn first (``plots``); every
 piece of text from the run files is HTML-escaped, since class names and paths are user data.
+The pieces every page is made of are in ``reporting/html_blocks.py``.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import json
 import logging
-import math
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,144 +17,27 @@ import yaml
 
 from inat_finetune.errors import UserError
 from inat_finetune.reporting import plots
+from inat_finetune.reporting.html_blocks import (
+    cards_html,
+    count_text,
+    duration_text,
+    esc,
+    figure_html,
+    generated_at,
+    kv_html,
+    page_html,
+    pct,
+    section_html,
+    table_html,
+)
 from inat_finetune.runfiles import read_json, write_text_atomic
 
 log = logging.getLogger(__name__)
-
 
 REPORT_NAME = "report.html"
 
 
 MAX_SKIPPED_LISTED = 50
-
-
-CSS = """
-:root { --ink: #1f2328; --muted: #59636e; --line: #d1d9e0; --soft: #f6f8fa; --accent: #0969da;
-        --best: #fff8c5; --best-line: #d4a72c; --bad: #d00000; }
-* { box-sizing: border-box; }
-body { margin: 0; color: var(--ink); background: #fff;
-       font: 15px/1.5 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
-main { max-width: 1280px; margin: 0 auto; padding: 24px 32px 64px; }
-h1 { font-size: 26px; margin: 0 0 4px; }
-h2 { font-size: 20px; margin: 36px 0 12px; padding-bottom: 6px; border-bottom: 1px solid var(--line); }
-h3 { font-size: 16px; margin: 20px 0 8px; }
-p.meta, .muted { color: var(--muted); font-size: 13px; }
-code { font: 13px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; background: var(--soft);
-       padding: 1px 4px; border-radius: 4px; overflow-wrap: anywhere; }
-nav { margin: 16px 0; padding: 10px 14px; background: var(--soft); border-radius: 8px; font-size: 14px; }
-nav a { color: var(--accent); text-decoration: none; margin-right: 14px; white-space: nowrap; }
-.cards { display: flex; flex-wrap: wrap; gap: 12px; margin: 16px 0; }
-.card { flex: 1 1 150px; border: 1px solid var(--line); border-radius: 8px; padding: 10px 14px; }
-.card .label { color: var(--muted); font-size: 12px; text-transform: uppercase; letter-spacing: .04em; }
-.card .value { font-size: 22px; font-weight: 600; overflow-wrap: anywhere; }
-table { border-collapse: collapse; margin: 8px 0 16px; font-size: 14px; }
-th, td { border: 1px solid var(--line); padding: 5px 10px; text-align: left; vertical-align: top; }
-th { background: var(--soft); font-weight: 600; }
-td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
-tr.best td { background: var(--best); font-weight: 600; }
-tr.best td:first-child { border-left: 4px solid var(--best-line); }
-.badge { display: inline-block; font-size: 11px; font-weight: 600; padding: 0 6px; margin-left: 6px;
-         border-radius: 10px; background: var(--best-line); color: #fff; vertical-align: middle; }
-dl.kv { display: grid; grid-template-columns: max-content minmax(0, 1fr) max-content minmax(0, 1fr);
-        gap: 2px 16px; font-size: 14px; margin: 8px 0; }
-dl.kv dt { color: var(--muted); }
-dl.kv dd { margin: 0; overflow-wrap: anywhere; }
-figure { margin: 12px 0 20px; }
-figure img { display: block; max-width: 100%; height: auto; border: 1px solid var(--line); border-radius: 4px; }
-figcaption { color: var(--muted); font-size: 13px; margin-top: 4px; }
-.missing { color: var(--bad); }
-details.run { border: 1px solid var(--line); border-radius: 8px; padding: 4px 16px 8px; margin: 12px 0; }
-details.run > summary { cursor: pointer; font-weight: 600; font-size: 16px; padding: 6px 0; }
-details.run h2 { font-size: 17px; margin-top: 20px; }
-.scroll { overflow-x: auto; }
-"""
-
-
-def esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def pct(value: Any) -> str:
-    return plots.percent(value, digits=2)
-
-
-def _int(value: Any) -> str:
-    return f"{value:,}" if isinstance(value, int) else "n/a"
-
-
-def _seconds(value: Any) -> str:
-    if not isinstance(value, (int, float)) or math.isnan(value):
-        return "n/a"
-    if value < 60:
-        return f"{value:.1f} s"
-    minutes, seconds = divmod(round(value), 60)
-    if minutes < 60:
-        return f"{minutes} min {seconds:02d} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min"
-
-
-def figure_html(path: Path | None, alt: str, caption: str = "") -> str:
-    if path is None or not path.is_file():
-        return (
-            f'<p class="missing">Figure not available: {esc(alt)} (its input file is missing).</p>'
-        )
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    caption_html = f"<figcaption>{esc(caption)}</figcaption>" if caption else ""
-    return (
-        f'<figure><img src="data:image/png;base64,{data}" alt="{esc(alt)}">{caption_html}</figure>'
-    )
-
-
-def table_html(
-    header: list[str],
-    rows: list[list[str]],
-    numeric: set[int] | None = None,
-    row_classes: list[str] | None = None,
-) -> str:
-    """``rows`` hold HTML already escaped by the caller; ``numeric`` columns are right-aligned."""
-    numeric = numeric or set()
-    row_classes = row_classes or [""] * len(rows)
-
-    def cls(i: int) -> str:
-        return ' class="num"' if i in numeric else ""
-
-    head = "".join(f"<th{cls(i)}>{esc(h)}</th>" for i, h in enumerate(header))
-    body = "".join(
-        (f'<tr class="{row_class}">' if row_class else "<tr>")
-        + "".join(f"<td{cls(i)}>{cell}</td>" for i, cell in enumerate(row))
-        + "</tr>"
-        for row, row_class in zip(rows, row_classes, strict=True)
-    )
-    return (
-        f'<div class="scroll"><table><thead><tr>{head}</tr></thead>'
-        f"<tbody>{body}</tbody></table></div>"
-    )
-
-
-def _kv(items: dict[str, Any]) -> str:
-    cells = "".join(f"<dt>{esc(k)}</dt><dd>{esc(_plain(v))}</dd>" for k, v in items.items())
-    return f'<dl class="kv">{cells}</dl>'
-
-
-def _plain(value: Any) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, (dict, list)):
-        return json.dumps(value)
-    return str(value)
-
-
-def cards_html(items: list[tuple[str, str]]) -> str:
-    cards = "".join(
-        f'<div class="card"><div class="label">{esc(label)}</div><div class="value">{esc(value)}</div></div>'
-        for label, value in items
-    )
-    return f'<div class="cards">{cards}</div>'
-
-
-def section_html(anchor: str, title: str, body: str) -> str:
-    return f'<section id="{esc(anchor)}"><h2>{esc(title)}</h2>{body}</section>'
 
 
 def _read_optional(path: Path) -> Any:
@@ -177,7 +56,7 @@ def _config_section(run_dir: Path) -> str:
         '<p class="muted">The resolved configuration; pass this run\'s <code>config.yaml</code> '
         "back with <code>--config</code> to repeat it.</p>"
     )
-    return note + _kv(config)
+    return note + kv_html(config)
 
 
 def _dataset_section(run_dir: Path, figures: dict[str, Path]) -> str:
@@ -204,7 +83,7 @@ def _dataset_section(run_dir: Path, figures: dict[str, Path]) -> str:
         ]
     )
     parts = [
-        _kv(
+        kv_html(
             {
                 "data root": summary.get("root"),
                 "layout": summary.get("layout"),
@@ -288,12 +167,12 @@ def _timings_section(results: dict[str, Any] | None) -> str:
     train_time = results.get("train_time_s")
     per_epoch = train_time / epochs if isinstance(train_time, (int, float)) and epochs else None
     speed_paths = results.get("speed_paths") or {}
-    return _kv(
+    return kv_html(
         {
-            "training (incl. validation)": _seconds(train_time),
+            "training (incl. validation)": duration_text(train_time),
             "epochs": epochs,
-            "per epoch": _seconds(per_epoch),
-            "testing": _seconds(results.get("test_time_s")),
+            "per epoch": duration_text(per_epoch),
+            "testing": duration_text(results.get("test_time_s")),
             "accelerator": results.get("accelerator"),
             "precision": results.get("precision"),
             "channels last": results.get("channels_last"),
@@ -346,8 +225,8 @@ def _run_cards(results: dict[str, Any] | None) -> str:
                 "kept epoch",
                 _kept_epoch(results),
             ),
-            ("trainable parameters", _int(trainable) + share),
-            ("training time", _seconds(results.get("train_time_s"))),
+            ("trainable parameters", count_text(trainable) + share),
+            ("training time", duration_text(results.get("train_time_s"))),
         ]
     )
 
@@ -378,20 +257,6 @@ def run_sections(
     return [(f"{prefix}{key}", RUN_SECTIONS[key], bodies[key]()) for key in keys]
 
 
-def page_html(title: str, header: str, nav: list[tuple[str, str]], body: str) -> str:
-    links = "".join(f'<a href="#{esc(anchor)}">{esc(label)}</a>' for anchor, label in nav)
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{esc(title)}</title><style>{CSS}</style></head><body><main>"
-        f"{header}<nav>{links}</nav>{body}</main></body></html>\n"
-    )
-
-
-def _generated() -> str:
-    return datetime.now().strftime("%Y-%m-%d %H:%M")
-
-
 def _run_page(run_dir: Path) -> str:
     results = _read_optional(run_dir / "results.json")
     sections = run_sections(run_dir)
@@ -401,7 +266,7 @@ def _run_page(run_dir: Path) -> str:
     header = (
         f"<header><h1>Run report: {esc(run_dir.name)}</h1>"
         f'<p class="meta">{esc(what)} · run directory <code>{esc(run_dir)}</code> · '
-        f"generated {esc(_generated())}</p>{_run_cards(results)}</header>"
+        f"generated {esc(generated_at())}</p>{_run_cards(results)}</header>"
     )
     body = "".join(section_html(anchor, title, html_) for anchor, title, html_ in sections)
     nav = [(anchor, title) for anchor, title, _ in sections]
@@ -429,10 +294,10 @@ def _comparison_table(comparison: dict[str, Any]) -> str:
                 pct(row.get("train_acc")),
                 pct(row.get("val_acc")),
                 pct(row.get("test_acc")),
-                _int(trainable),
-                _int(total),
+                count_text(trainable),
+                count_text(total),
                 share,
-                _seconds(row.get("wall_time_s")),
+                duration_text(row.get("wall_time_s")),
             ]
         )
         row_classes.append("best" if is_best else "")
@@ -449,12 +314,26 @@ def _comparison_table(comparison: dict[str, Any]) -> str:
     return table_html(header, rows_html, set(range(1, 8)), row_classes)
 
 
-def _comparison_page(comparison_dir: Path) -> str:
-    comparison = plots.load_comparison(comparison_dir)
-    rows = comparison["rows"]
+def _comparison_cards(
+    best: str | None, best_row: dict[str, Any] | None, then_trained: bool, final: Any
+) -> list[tuple[str, str]]:
+    """The selected strategy, its accuracies, and the longer run's test accuracy if any."""
+    cards = [
+        ("selected strategy", best or "n/a"),
+        ("its validation accuracy", pct((best_row or {}).get("val_acc"))),
+        ("its test accuracy", pct((best_row or {}).get("test_acc"))),
+    ]
+    if then_trained and final:
+        cards.append(
+            (f"test accuracy after {final.get('epochs')} epochs", pct(final.get("test_acc")))
+        )
+    return cards
+
+
+def _selection_section(comparison_dir: Path, comparison: dict[str, Any]) -> str:
+    """Which strategy was selected and by what, the table of strategies and the chart."""
     best = comparison.get("best_strategy")
     selected_by = comparison.get("selected_by", "val_acc")
-    best_row = next((r for r in rows if r["strategy"] == best), None)
     chart = comparison_dir / plots.FIGURES_DIR / "comparison.png"
     if not chart.is_file():
         chart = plots.plot_comparison(comparison_dir)
@@ -465,52 +344,37 @@ def _comparison_page(comparison_dir: Path) -> str:
         if best
         else '<p class="missing">No best strategy recorded in comparison.json.</p>'
     )
-    then_trained = _run_dir(comparison_dir, comparison.get("then_trained"))
-    final_dir = then_trained or _run_dir(comparison_dir, (best_row or {}).get("run_dir"))
-    final_results = _read_optional(final_dir / "results.json") if final_dir else None
-    cards = [
-        ("selected strategy", best or "n/a"),
-        ("its validation accuracy", pct((best_row or {}).get("val_acc"))),
-        ("its test accuracy", pct((best_row or {}).get("test_acc"))),
-    ]
-    if then_trained and final_results:
-        cards.append(
-            (
-                f"test accuracy after {final_results.get('epochs')} epochs",
-                pct(final_results.get("test_acc")),
-            )
-        )
-    header = (
-        f"<header><h1>Strategy comparison: {esc(comparison_dir.name)}</h1>"
-        f'<p class="meta">comparison directory <code>{esc(comparison_dir)}</code> · generated '
-        f"{esc(_generated())}</p>{cards_html(cards)}</header>"
+    return section_html(
+        "comparison",
+        "Comparison of strategies",
+        selection
+        + _comparison_table(comparison)
+        + figure_html(
+            chart, "accuracy per strategy", "Train, validation and test accuracy per strategy."
+        ),
     )
-    body = [
-        section_html(
-            "comparison",
-            "Comparison of strategies",
-            selection
-            + _comparison_table(comparison)
-            + figure_html(
-                chart, "accuracy per strategy", "Train, validation and test accuracy per strategy."
-            ),
-        )
-    ]
-    nav = [("comparison", "Comparison")]
-    if final_dir is not None and final_dir.is_dir():
-        if then_trained:
-            heading = f"The selected strategy trained longer: {final_dir.name}"
-        else:
-            heading = f"The selected strategy's run: {final_dir.name}"
-        sections = run_sections(final_dir, prefix="final-")
-        body.append(
-            f'<section id="final"><h2>{esc(heading)}</h2>{_run_cards(final_results)}'
-            + "".join(section_html(a, t, h) for a, t, h in sections)
-            + "</section>"
-        )
-        nav += [("final", "Selected run")] + [(a, t) for a, t, _ in sections]
-    # Every strategy's own run, the prediction grids left out: they are large and only the
-    # selected model's predictions matter for the conclusion.
+
+
+def _final_run_section(
+    final_dir: Path, then_trained: bool, final_results: Any
+) -> tuple[str, list[tuple[str, str]]]:
+    """The selected strategy's run (or its longer run) in full, and its navigation links."""
+    if then_trained:
+        heading = f"The selected strategy trained longer: {final_dir.name}"
+    else:
+        heading = f"The selected strategy's run: {final_dir.name}"
+    sections = run_sections(final_dir, prefix="final-")
+    body = (
+        f'<section id="final"><h2>{esc(heading)}</h2>{_run_cards(final_results)}'
+        + "".join(section_html(a, t, h) for a, t, h in sections)
+        + "</section>"
+    )
+    return body, [("final", "Selected run")] + [(a, t) for a, t, _ in sections]
+
+
+def _strategy_runs_section(comparison_dir: Path, rows: list[dict[str, Any]], best: Any) -> str:
+    """Every strategy's own run, the prediction grids left out: they are large and only the
+    selected model's predictions matter for the conclusion."""
     runs = []
     for index, row in enumerate(rows):
         run_dir = _run_dir(comparison_dir, row.get("run_dir"))
@@ -534,7 +398,30 @@ def _comparison_page(comparison_dir: Path) -> str:
             + "".join(section_html(a, t, h) for a, t, h in sections)
             + "</details>"
         )
-    body.append('<section id="runs"><h2>Each strategy\'s run</h2>' + "".join(runs) + "</section>")
+    return '<section id="runs"><h2>Each strategy\'s run</h2>' + "".join(runs) + "</section>"
+
+
+def _comparison_page(comparison_dir: Path) -> str:
+    comparison = plots.load_comparison(comparison_dir)
+    rows = comparison["rows"]
+    best = comparison.get("best_strategy")
+    best_row = next((r for r in rows if r["strategy"] == best), None)
+    then_trained = _run_dir(comparison_dir, comparison.get("then_trained"))
+    final_dir = then_trained or _run_dir(comparison_dir, (best_row or {}).get("run_dir"))
+    final_results = _read_optional(final_dir / "results.json") if final_dir else None
+    cards = _comparison_cards(best, best_row, bool(then_trained), final_results)
+    header = (
+        f"<header><h1>Strategy comparison: {esc(comparison_dir.name)}</h1>"
+        f'<p class="meta">comparison directory <code>{esc(comparison_dir)}</code> · generated '
+        f"{esc(generated_at())}</p>{cards_html(cards)}</header>"
+    )
+    body = [_selection_section(comparison_dir, comparison)]
+    nav = [("comparison", "Comparison")]
+    if final_dir is not None and final_dir.is_dir():
+        final_body, final_nav = _final_run_section(final_dir, bool(then_trained), final_results)
+        body.append(final_body)
+        nav += final_nav
+    body.append(_strategy_runs_section(comparison_dir, rows, best))
     nav.append(("runs", "Each strategy"))
     return page_html(f"Strategy comparison: {comparison_dir.name}", header, nav, "".join(body))
 

@@ -18,8 +18,7 @@ from typing import Any
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-from inat_finetune.reporting.plots import FIGURES_DIR, save_figure
-from inat_finetune.reporting.report import (
+from inat_finetune.reporting.html_blocks import (
     cards_html,
     esc,
     figure_html,
@@ -28,6 +27,7 @@ from inat_finetune.reporting.report import (
     section_html,
     table_html,
 )
+from inat_finetune.reporting.plots import FIGURES_DIR, save_figure
 from inat_finetune.runfiles import write_text_atomic
 
 STATE_STYLE = {

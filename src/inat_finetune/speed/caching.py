@@ -60,7 +60,6 @@ import hashlib
 import json
 import logging
 import math
-import mmap
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -69,16 +68,16 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-import xxhash
 
-from inat_finetune.errors import UserError
 from inat_finetune.runfiles import read_json, write_text_atomic
-
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks
-    fcntl = None  # type: ignore[assignment]
-
+from inat_finetune.speed.store_files import (
+    StoredArrays,
+    checksum,
+    locked,
+    map_if_present,
+    open_for_reading,
+    remove_if_unread,
+)
 
 log = logging.getLogger(__name__)
 
@@ -125,72 +124,6 @@ def source_fingerprint(path: str | Path) -> list[int]:
     return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
 
 
-def checksum(data: Any) -> int:
-    """The XXH3-64 of a bytes-like object or a contiguous array's bytes (an int under 2**64)."""
-    return xxhash.xxh3_64_intdigest(data)
-
-
-@contextlib.contextmanager
-def _locked(directory: Path) -> Iterator[None]:
-    """Only one process updates a store at a time (two runs started together, DDP ranks)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "a+b") as handle:
-        if fcntl is None:  # concurrent builders are on their own
-            yield
-            return
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _open_for_reading(path: Path) -> IO[bytes]:
-    """``path`` opened with a shared lock, which keeps compaction from deleting it.
-
-    FileNotFoundError if it is gone, or was deleted before the lock was taken."""
-    handle = open(path, "rb")  # noqa: SIM115 - kept open by the reader
-    try:
-        if fcntl is not None:
-            fcntl.flock(handle, fcntl.LOCK_SH)
-            now, held = os.stat(path), os.fstat(handle.fileno())
-            if (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
-                raise FileNotFoundError(f"{path}: replaced while being opened")
-    except BaseException:
-        handle.close()
-        raise
-    return handle
-
-
-def _mapped(handle: IO[bytes]) -> np.ndarray:
-    """The bytes of an open file as a read-only uint8 array backed by a memory map."""
-    if os.fstat(handle.fileno()).st_size == 0:
-        return np.empty(0, dtype=np.uint8)  # an empty file cannot be mapped
-    return np.frombuffer(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
-
-
-def _map_if_present(path: Path) -> np.ndarray:
-    try:
-        with open(path, "rb") as handle:
-            return _mapped(handle)  # the map keeps its own reference to the file
-    except FileNotFoundError:
-        return np.empty(0, dtype=np.uint8)
-
-
-def _remove_if_unread(path: Path) -> None:
-    """Delete a data file unless a reader holds its shared lock (a later ``filling`` does)."""
-    if fcntl is None:
-        with contextlib.suppress(OSError):  # Windows cannot delete a mapped file: left behind
-            path.unlink(missing_ok=True)
-        return
-    try:
-        with open(path, "rb") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            path.unlink()
-    except OSError:  # BlockingIOError: still read; or gone already
-        pass
-
-
 def _well_formed(entry: Any) -> bool:
     return (
         isinstance(entry, list)
@@ -199,60 +132,6 @@ def _well_formed(entry: Any) -> bool:
         and entry[OFFSET] >= 0
         and all(side >= 0 for side in entry[SHAPE])
     )
-
-
-class StoredArrays:
-    """Read-only access to some entries of a store; cheap to pickle into DataLoader workers.
-
-    Made by ``ArrayStore.arrays`` with the data file open, mapped and share-locked: a forked
-    worker inherits all three, a pickled copy opens the file again by name (see above). Every
-    read is checked against the entry's checksum."""
-
-    def __init__(
-        self,
-        data_path: Path,
-        dtype: np.dtype,
-        entries: dict[str, tuple[int, tuple, int]],
-        handle: IO[bytes] | None = None,
-    ) -> None:
-        self.data_path = data_path
-        self.dtype = dtype
-        self.entries = entries  # path -> (byte offset, shape, checksum)
-        self._handle = handle  # holds the shared lock while this object lives
-        self._bytes: np.ndarray | None = None if handle is None else _mapped(handle)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_handle": None, "_bytes": None}  # a copy opens the file again
-
-    def __contains__(self, path: object) -> bool:
-        return str(path) in self.entries
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def _data(self) -> np.ndarray:
-        if self._bytes is None:
-            try:
-                self._handle = _open_for_reading(self.data_path)
-            except FileNotFoundError:
-                raise UserError(
-                    f"{self.data_path}: the cache file was removed while this run read it; "
-                    "run again, which rebuilds what is missing"
-                ) from None
-            self._bytes = _mapped(self._handle)
-        return self._bytes
-
-    def __getitem__(self, path: str | Path) -> np.ndarray:
-        """A writable copy of the array stored for ``path``, checked against its checksum."""
-        offset, shape, expected = self.entries[str(path)]
-        nbytes = math.prod(shape) * self.dtype.itemsize
-        raw = np.array(self._data()[offset : offset + nbytes])
-        if raw.size != nbytes or checksum(raw) != expected:
-            raise UserError(
-                f"{self.data_path}: the stored array of {path} is damaged (its bytes changed "
-                "while this run read them); run again, which computes it again"
-            )
-        return raw.view(self.dtype).reshape(shape)
 
 
 @dataclass
@@ -350,7 +229,7 @@ class ArrayStore:
         """Which ``paths`` must be computed: those with no entry, whose source file changed since
         its entry was written, or whose stored bytes are damaged (truncated or overwritten)."""
         audit = Audit()
-        data = _map_if_present(self.data_path)
+        data = map_if_present(self.data_path)
         for path in paths:
             entry = self.entries.get(str(path))
             if entry is None or entry[FINGERPRINT] != source_fingerprint(path):
@@ -400,7 +279,7 @@ class ArrayStore:
         ``SAVE_EVERY`` arrays and at the end.
 
         ``update`` for one store; one pass that fills several stores holds them all open."""
-        with _locked(self.directory):
+        with locked(self.directory):
             self._load_index()  # another process may have stored some of them meanwhile
             self._remove_old_data_files()  # those readers held at the last compaction
             audit = self.audit(paths)
@@ -461,7 +340,7 @@ class ArrayStore:
         live, total = self._live_bytes(), self.data_path.stat().st_size
         if total - live <= max(live, 1 << 20):
             return
-        source = _map_if_present(self.data_path)
+        source = map_if_present(self.data_path)
         new_name = self._unused_data_name()
         entries: dict[str, list[int]] = {}
         with open(self.directory / new_name, "wb") as handle:
@@ -483,14 +362,14 @@ class ArrayStore:
         """Delete the data files the index no longer names, except those a reader holds."""
         for path in self._data_files().values():
             if path.name != self.data_name:
-                _remove_if_unread(path)
+                remove_if_unread(path)
 
     def _open_data(self) -> IO[bytes]:
         """The data file, opened with a shared lock; if a compaction by another process removed
         it since the index was read, the new index is read and the file it names opened."""
         for _ in range(OPEN_TRIES):
             try:
-                return _open_for_reading(self.data_path)
+                return open_for_reading(self.data_path)
             except FileNotFoundError:
                 self._load_index()
         raise FileNotFoundError(f"{self.data_path}: replaced {OPEN_TRIES} times while opening")

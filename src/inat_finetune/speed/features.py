@@ -14,20 +14,7 @@ only the validation/test features of an augmented run was left out on purpose: i
 evaluation passes only (a quarter of the work at most) at the price of a module that takes
 images in training and features in evaluation.
 
-How it works:
-
-* The *tail* is the classifier plus the dropout layers right before it in the same
-  ``Sequential`` (MobileNet's and EfficientNet's classifier is Dropout then Linear). A forward
-  pre-hook on the tail's first module captures its input, which works for any architecture.
-* Training runs the tail on stored features, so that dropout still drops at random in
-  training mode, as it does without the cache.
-* The LightningModule still holds the whole network: checkpoints, ``evaluate``, ``predict`` and
-  ``export`` are unchanged. Only its forward (``FineTuneModule.feature_tail``) and the data
-  module differ.
-* Beyond the static checks, a probe on a random batch decides: two training-mode passes must
-  capture the same features (this catches any dropout or stochastic depth, timm's functional
-  dropout included), and in eval mode the tail applied to the captured features must give the
-  network's output (this catches classifiers followed by more layers, like SqueezeNet's).
+Where the features are captured and the probes that decide it: ``speed/probing.py``.
 
 One store per (architecture, a hash of every backbone tensor, so weight names, weight files and
 random initialisations are told apart; capture point; evaluation transform; precision;
@@ -35,31 +22,6 @@ channels-last; device type; torch version); one entry per image file, valid whil
 unchanged and its stored bytes match their checksum (``speed/caching.py``): features found damaged
 or cut off when the run opens the store are computed again from the photos, with a warning
 naming the store's data file, and counted in the run's summary.
-
-The frozen prefix. When the classifier is not the only thing that trains (``freeze_k_percent``
-trains the later blocks), the longest run of leading blocks that is frozen and deterministic
-gives the same output in every epoch instead, and that output is stored (``frozen_prefix``):
-
-* The blocks are the model's children in order, ``Sequential`` containers opened up
-  (MobileNetV2: ``features.0.0``, ..., ``features.18``, ``classifier.0``, ...; ResNet: ``conv1``,
-  ``bn1``, ``relu``, ``maxpool``, ``layer1.0``, ...). The cut is placed after the last leading
-  block that is frozen, has no BatchNorm in training mode and nothing random, and whose output
-  holds at most a quarter of the values of the input image, so that the stored outputs take
-  less room than the images would (MobileNetV2 after ``features.4`` at 224 px: 32x28x28 values,
-  a sixth of the image's; ResNet50's outputs are larger than that until ``layer4``).
-* Training runs the whole network on the stored outputs with the prefix blocks replaced by
-  identities for the duration of each forward pass (``bypassed``); the rest trains as usual.
-* The probe checks on a random batch that each prefix block is called once, that running the
-  blocks one after the other gives what the network computes at the cut, and that the network
-  with the prefix bypassed maps that to the network's output.
-* Storing the prefix's output costs a pass over the prefix only; for MobileNetV2's
-  ``freeze_k_percent`` the prefix is about 70% of the forward pass on a CPU
-  (``benchmarks/cpu_probes.py prefix``), which every epoch then skips.
-* In a comparison (``compare``) the linear probe's pass goes through those blocks anyway: it
-  is told which strategies come after it (``also_for``), finds the prefix each of them will
-  cut (``prefix_for_strategy``: the same probe, with that strategy's trainable flags) and
-  stores those outputs on the way, so the next run finds them stored and no image is decoded
-  twice. The stores are the ones that run would have filled itself, under the same key.
 
 Same results: in fp32 with ``num_workers=0`` a cached run reproduces the uncached run's
 metrics to ~1e-5, for the classifier's input and for a prefix (``tests/test_features.py``).
@@ -72,7 +34,6 @@ rather than number for number.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -88,9 +49,26 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, TensorD
 from inat_finetune.runtime.allocator import keep_freed_memory
 from inat_finetune.runtime.distributed import evaluation_sampler
 from inat_finetune.speed.caching import ArrayStore, cache_root, short_hash
+from inat_finetune.speed.probing import (
+    AUTOCAST_DTYPES,
+    backbone_fingerprint,
+    bypassed,
+    capturing,
+    feature_tail,
+    frozen_prefix,
+    modes_kept,
+    prefix_for_strategy,
+    probe,
+    run_bypassing,
+    run_tail,
+    why_not_cacheable,
+    why_not_for_this_run,
+)
+
+# run_tail and run_bypassing are imported from here by tasks.classification.
+__all__ = ["CachedFeatures", "FeatureDataModule", "cached_features", "run_bypassing", "run_tail"]
 
 log = logging.getLogger(__name__)
-
 
 FEATURE_VERSION = 2  # 2: under autocast, computed with BatchNorm folded in (_folded)
 
@@ -98,261 +76,7 @@ FEATURE_VERSION = 2  # 2: under autocast, computed with BatchNorm folded in (_fo
 SPLITS = ("train", "val", "test")
 
 
-AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16, "32-true": None}
-
-
 PRECISION_ALIASES = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
-
-
-# Random in training mode, besides dropout; matched by class name so timm need not be imported.
-STOCHASTIC_CLASSES = ("StochasticDepth", "DropPath", "DropBlock2d")
-
-
-def feature_tail(model: nn.Module, head: str) -> list[str]:
-    """The classifier and the dropout layers right before it in its ``Sequential``, in order."""
-    parent_name, _, child = head.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    if not parent_name or not isinstance(parent, nn.Sequential):
-        return [head]
-    children = [name for name, _ in parent.named_children()]
-    start = children.index(child)
-    while start > 0 and isinstance(
-        parent.get_submodule(children[start - 1]), (nn.modules.dropout._DropoutNd, nn.Identity)
-    ):
-        start -= 1
-    return [f"{parent_name}.{name}" for name in children[start : children.index(child) + 1]]
-
-
-def _inside(name: str, modules: list[str]) -> bool:
-    """Whether ``name`` is one of ``modules`` or inside one of them."""
-    return any(name == m or name.startswith(m + ".") for m in modules)
-
-
-def run_tail(model: nn.Module, tail: list[str], features: torch.Tensor) -> torch.Tensor:
-    for name in tail:
-        features = model.get_submodule(name)(features)
-    return features
-
-
-def blocks(model: nn.Module) -> list[str]:
-    """The model's children in order, ``Sequential`` containers opened up (see above)."""
-    names: list[str] = []
-
-    def visit(prefix: str, parent: nn.Module) -> None:
-        for name, child in parent.named_children():
-            if isinstance(child, nn.Sequential):
-                visit(f"{prefix}{name}.", child)
-            else:
-                names.append(f"{prefix}{name}")
-
-    visit("", model)
-    return names
-
-
-_IDENTITY = nn.Identity()
-
-
-@contextlib.contextmanager
-def bypassed(model: nn.Module, names: list[str]) -> Iterator[None]:
-    """Replace the modules ``names`` by identities for the duration of the block."""
-    originals = []
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        originals.append((parent, child, parent._modules[child]))
-        parent._modules[child] = _IDENTITY
-    try:
-        yield
-    finally:
-        for parent, child, original in reversed(originals):
-            parent._modules[child] = original
-
-
-def run_bypassing(model: nn.Module, prefix: list[str], features: torch.Tensor) -> torch.Tensor:
-    """The network's output for stored prefix outputs: the network with the prefix bypassed."""
-    with bypassed(model, prefix):
-        return model(features)
-
-
-@contextlib.contextmanager
-def capturing(module: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Collect the input of every call of ``module``."""
-    captured: list[torch.Tensor] = []
-    handle = module.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
-    try:
-        yield captured
-    finally:
-        handle.remove()
-
-
-@contextlib.contextmanager
-def _modes_kept(module: nn.Module) -> Iterator[None]:
-    modes = {m: m.training for m in module.modules()}
-    try:
-        yield
-    finally:
-        for m, training in modes.items():
-            m.training = training
-
-
-def _is_random_in_training(module: nn.Module) -> bool:
-    if isinstance(module, nn.modules.dropout._DropoutNd):
-        return module.p > 0
-    if type(module).__name__ in STOCHASTIC_CLASSES:
-        return float(getattr(module, "p", getattr(module, "drop_prob", 1.0)) or 0) > 0
-    return False
-
-
-def why_not_cacheable(
-    config: Any, module: nn.Module, tail: list[str], precision: str
-) -> str | None:
-    """The reason the backbone's features may differ between epochs, or None if they cannot."""
-    reason = why_not_for_this_run(config, module, precision)
-    if reason is not None:
-        return reason
-    model = module.model
-    training = [n for n, p in model.named_parameters() if p.requires_grad and not _inside(n, tail)]
-    if training:
-        return f"strategy {config.strategy} trains {len(training)} backbone tensors"
-    moving = _moving_in_training(module)
-    return next((why for name, why in moving.items() if not _inside(name, tail)), None)
-
-
-def why_not_for_this_run(config: Any, module: nn.Module, precision: str) -> str | None:
-    """What rules out any stored features in this run, wherever the cut."""
-    if config.augment:
-        return "augmentation on; --no-augment lets a frozen backbone's features be cached"
-    plan = getattr(module, "plan", None)
-    if plan is not None:
-        # Recipe parts that need images, or a backbone that does not stay frozen.
-        if plan.unfreeze is not None:
-            return "an unfreezing schedule trains backbone stages later"
-        if getattr(module, "mixer", None) is not None:
-            return "mixup/cutmix mixes images"
-        if plan.tta != "none":
-            return "test-time augmentation transforms images"
-        if getattr(module, "ema", None) is not None:
-            return "EMA weights"
-    if precision not in AUTOCAST_DTYPES:
-        return f"precision {precision} is not cached"
-    return None
-
-
-def _moving_in_training(module: nn.Module) -> dict[str, str]:
-    """The modules that compute differently between epochs in training mode, and why."""
-    moving = {}
-    with _modes_kept(module):
-        module.train()  # the modes training will use, frozen BatchNorm held as configured
-        for name, sub in module.model.named_modules():
-            if not sub.training:
-                continue
-            if isinstance(sub, nn.modules.batchnorm._BatchNorm):
-                moving[name] = (
-                    f"BatchNorm {name} uses batch statistics in training (frozen_bn=train)"
-                )
-            elif _is_random_in_training(sub):
-                moving[name] = f"{name} ({type(sub).__name__}) is random in training mode"
-    return moving
-
-
-def _probe_images(module: nn.Module, crop_size: int) -> torch.Tensor:
-    """Two seeded random images on the model's device, in its memory format."""
-    images = torch.randn(2, 3, crop_size, crop_size, generator=torch.Generator().manual_seed(0))
-    images = images.to(next(module.model.parameters()).device)
-    if getattr(module, "channels_last", False):
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images
-
-
-def probe(module: nn.Module, tail: list[str], crop_size: int) -> str | None:
-    """Check on a random batch that the captured features are deterministic and sufficient."""
-    model = module.model
-    images = _probe_images(module, crop_size)
-    with (
-        _modes_kept(module),
-        torch.random.fork_rng(devices=[]),  # the uncached run's random stream stays untouched
-        torch.no_grad(),
-        capturing(model.get_submodule(tail[0])) as captured,
-    ):
-        module.train()
-        module(images)
-        module(images)
-        if len(captured) != 2:
-            return f"{tail[0]} is not called once per forward pass"
-        if not torch.allclose(captured[0], captured[1], rtol=1e-4, atol=1e-6):
-            return "the backbone is random in training mode"
-        module.eval()
-        logits = module(images)
-        if not torch.allclose(run_tail(model, tail, captured[2]), logits, rtol=1e-4, atol=1e-5):
-            return f"the output of {tail[-1]} is not the network's output"
-    return None
-
-
-def frozen_prefix(module: nn.Module, crop_size: int) -> list[str]:
-    """The leading blocks whose output can be stored (see above), or [] if there are none."""
-    model = module.model
-    moving = _moving_in_training(module)
-    leading: list[str] = []
-    for name in blocks(model):
-        if any(p.requires_grad for p in model.get_submodule(name).parameters()):
-            break
-        if any(_inside(n, [name]) for n in moving):
-            break
-        leading.append(name)
-    if not leading:
-        return []
-    images = _probe_images(module, crop_size)
-    seen: dict[str, list[torch.Tensor]] = {name: [] for name in leading}
-    hooks = [
-        model.get_submodule(name).register_forward_hook(
-            # Cloned: a later in-place activation may overwrite the block's output.
-            lambda _m, _args, output, name=name: seen[name].append(output.clone())
-        )
-        for name in leading
-    ]
-    with _modes_kept(module), torch.random.fork_rng(devices=[]), torch.no_grad():
-        try:
-            module.eval()
-            logits = module(images)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        # Cut candidates: blocks called once each, in order, one feeding the next.
-        cut, values, output = [], crop_size * crop_size * 3 // 4, images
-        for index, name in enumerate(leading):
-            if len(seen[name]) != 1:
-                break
-            output = model.get_submodule(name)(output)
-            if output.shape != seen[name][0].shape or not torch.allclose(
-                output, seen[name][0], rtol=1e-4, atol=1e-5
-            ):
-                break
-            if output[0].numel() <= values:
-                cut = leading[: index + 1]
-        if not cut:
-            return []
-        bypassing = run_bypassing(model, cut, seen[cut[-1]][0])
-        if not torch.allclose(bypassing, logits, rtol=1e-4, atol=1e-5):
-            return []
-        module.train()  # functional randomness the module scan cannot see
-        if not torch.equal(run_tail(model, cut, images), run_tail(model, cut, images)):
-            return []
-    return cut
-
-
-def backbone_fingerprint(model: nn.Module, tail: list[str], prefix: list[str] | None = None) -> str:
-    """A hash of every tensor the stored features depend on: outside the tail, or in the prefix.
-
-    The same weights give the same features."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in model.state_dict().items():
-        depends = _inside(name, prefix) if prefix else not _inside(name, tail)
-        if not depends:
-            continue
-        flat = tensor.detach().cpu().reshape(-1).contiguous()  # logical order, any memory format
-        digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(flat.view(torch.uint8).numpy())
-    return digest.hexdigest()
 
 
 def _device(accelerator: str) -> torch.device:
@@ -361,6 +85,44 @@ def _device(accelerator: str) -> torch.device:
     if accelerator == "mps":
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def _loader_over(
+    datasets: dict[str, Any],
+    todo: list[Path],
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    progress: bool,
+) -> tuple[Any, list[Path]]:
+    """Batches of the images of ``todo`` (each once, whichever split has it), and their paths."""
+    wanted, parts, paths = {str(p) for p in todo}, [], []
+    for dataset in datasets.values():
+        indices = [i for i, (p, _) in enumerate(dataset.samples) if str(p) in wanted]
+        wanted -= {str(dataset.samples[i][0]) for i in indices}
+        parts.append(Subset(dataset, indices))
+        paths += [dataset.samples[i][0] for i in indices]
+    loader = DataLoader(
+        ConcatDataset(parts),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=keep_freed_memory,
+    )
+    if not progress:
+        return loader, paths
+    from rich.progress import track
+
+    return track(loader, total=len(loader), description="Caching backbone features"), paths
+
+
+def _prepared(
+    network: nn.Module, dtype: torch.dtype | None, channels_last: bool, keep: str | None = None
+) -> nn.Module:
+    """``network`` as the feature pass runs it: folded under autocast, in the memory format."""
+    # Under autocast only: in fp32 the features stay bit for bit what training computes.
+    network = _folded(network, keep) if dtype is not None else network
+    return network.to(memory_format=torch.channels_last) if channels_last else network
 
 
 def _extract(
@@ -383,36 +145,13 @@ def _extract(
     than the one before), then, if ``features``, the input of ``tail[0]``; without
     ``features`` the blocks of the last cut are all that runs. ``after_transfer`` is the
     datamodule's hook for batches on the device (it normalises uint8 images)."""
-    wanted, parts, paths = {str(p) for p in todo}, [], []
-    for dataset in datasets.values():
-        indices = [i for i, (p, _) in enumerate(dataset.samples) if str(p) in wanted]
-        wanted -= {str(dataset.samples[i][0]) for i in indices}
-        parts.append(Subset(dataset, indices))
-        paths += [dataset.samples[i][0] for i in indices]
-    loader = DataLoader(
-        ConcatDataset(parts),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-        worker_init_fn=keep_freed_memory,
-    )
+    batches, paths = _loader_over(datasets, todo, batch_size, num_workers, device, progress)
     model, home = module.model, next(module.model.parameters()).device
     dtype = AUTOCAST_DTYPES[precision]
-    batches: Any = loader
-    if progress:
-        from rich.progress import track
-
-        batches = track(loader, total=len(loader), description="Caching backbone features")
     paths_iter = iter(paths)
     channels_last = getattr(module, "channels_last", False)
-
-    def prepared(network: nn.Module, keep: str | None = None) -> nn.Module:
-        # Under autocast only: in fp32 the features stay bit for bit what training computes.
-        network = _folded(network, keep) if dtype is not None else network
-        return network.to(memory_format=torch.channels_last) if channels_last else network
-
     with (
-        _modes_kept(module),
+        modes_kept(module),
         torch.random.fork_rng(devices=[]),  # loader seeds come from the global generator
         torch.inference_mode(),
         torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext(),
@@ -421,12 +160,13 @@ def _extract(
         model.to(device)
         segments, start = [], 0
         for cut in cuts:
-            segments.append(prepared(nn.Sequential(*map(model.get_submodule, cut[start:]))))
+            segment = nn.Sequential(*map(model.get_submodule, cut[start:]))
+            segments.append(_prepared(segment, dtype, channels_last))
             start = len(cut)
         bypass = cuts[-1] if cuts else []
         with bypassed(model, bypass):
             # Folded here, the copy keeps the identities; unfolded, it is bypassed per batch.
-            rest = prepared(model, keep=tail[0]) if features else None
+            rest = _prepared(model, dtype, channels_last, keep=tail[0]) if features else None
         try:
             capture = capturing(rest.get_submodule(tail[0])) if rest else contextlib.nullcontext()
             with capture as seen:
@@ -533,20 +273,128 @@ def _features_of(
     return TensorDataset(torch.from_numpy(features).float(), labels)
 
 
-def prefix_for_strategy(
-    module: nn.Module, head: str, strategy: str, freeze_percent: float, crop_size: int
-) -> list[str]:
-    """The frozen prefix a run of ``strategy`` would store, found on this run's module: the
-    trainable flags are that strategy's for the probe only."""
-    from inat_finetune.models.freezing import apply_strategy
+def _capture_point(
+    config: Any, module: nn.Module, tail: list[str], precision: str, crop_size: int
+) -> tuple[list[str], str | None]:
+    """([], None): store the classifier's input; (prefix, None): store the frozen prefix's
+    output; ([], reason): store nothing, and why."""
+    reason = why_not_cacheable(config, module, tail, precision) or probe(module, tail, crop_size)
+    if reason is None:
+        return [], None
+    if why_not_for_this_run(config, module, precision) is None:
+        prefix = frozen_prefix(module, crop_size)
+        if prefix:
+            return prefix, None
+    return [], reason
 
-    flags = [(p, p.requires_grad) for p in module.model.parameters()]
-    try:
-        apply_strategy(module.model, head, strategy, freeze_percent)
-        return frozen_prefix(module, crop_size)
-    finally:
-        for param, flag in flags:
-            param.requires_grad_(flag)
+
+def _evaluation_transform(datasets: dict[str, Any], datamodule: Any) -> str | None:
+    """What maps a photo to the backbone's input, as text for the store's key; None when the
+    training transform differs (then features would differ between epochs)."""
+    transform = repr(datasets["test"].transform)
+    if repr(datasets["train"].transform) != transform:
+        return None
+    normalise = getattr(datamodule, "normalise", None)  # uint8 batches, normalised on the device
+    if normalise is not None:
+        transform += f", then on the device {normalise!r}"
+    return transform
+
+
+@dataclass
+class _FeaturePass:
+    """Everything the one pass over the images needs besides the cuts and the images."""
+
+    config: Any
+    module: nn.Module
+    tail: list[str]
+    datasets: dict[str, Any]
+    datamodule: Any
+    transform: str
+    precision: str
+    device: torch.device
+    progress: bool
+
+    def store_for(self, cut: list[str]) -> ArrayStore:
+        """The store for the output of ``cut`` (the classifier's input when ``cut`` is [])."""
+        module = self.module
+        meta = {
+            "kind": "features",
+            "version": FEATURE_VERSION,
+            "architecture": type(module.model).__qualname__,
+            "backbone": backbone_fingerprint(module.model, self.tail, cut),
+            "capture": f"output of {cut[-1]}" if cut else self.tail[0],
+            "transform": self.transform,
+            "precision": self.precision,
+            "channels_last": bool(getattr(module, "channels_last", False)),
+            "device": self.device.type,
+            "torch": ".".join(torch.__version__.split(".")[:2]),
+        }
+        name = f"{self.config.backbone}-{short_hash(meta)}"
+        return ArrayStore(cache_root(self.config.cache_dir) / "features" / name, "float32", meta)
+
+    def extract(
+        self, cuts: list[list[str]], features: bool, todo: list[Path]
+    ) -> Iterator[tuple[Path, list[np.ndarray]]]:
+        return _extract(
+            self.module,
+            self.tail,
+            cuts,
+            features,
+            self.datasets,
+            self.datamodule.on_after_batch_transfer,
+            todo,
+            self.config.batch_size,
+            self.datamodule.num_workers,
+            self.device,
+            self.precision,
+            self.progress,
+        )
+
+
+def _prefixes_of(
+    module: nn.Module, head: str, config: Any, crop_size: int, strategies: Sequence[str]
+) -> dict[tuple[str, ...], list[str]]:
+    """The frozen prefix each of ``strategies`` will cut, with the strategies that cut it."""
+    shared: dict[tuple[str, ...], list[str]] = {}
+    for strategy in strategies:
+        cut = prefix_for_strategy(module, head, strategy, config.freeze_percent, crop_size)
+        if cut:
+            shared.setdefault(tuple(cut), []).append(strategy)
+    return shared
+
+
+def _fill_stores(
+    run: _FeaturePass,
+    store: ArrayStore,
+    paths: list[Path],
+    prefix: list[str],
+    on_the_way: Callable[[], dict[tuple[str, ...], list[str]]],
+) -> tuple[int, list[str]]:
+    """Compute what ``store`` lacks in one pass, and the prefixes of ``on_the_way`` on the way;
+    (images computed, what was stored for later runs)."""
+    stored_for: list[str] = []
+    with contextlib.ExitStack() as stack:
+        todo, put = stack.enter_context(store.filling(paths))
+        # Prefixes stored on the way: only by a pass over the whole backbone (whose blocks
+        # they are), each filling in what it lacks of the images this pass computes anyway.
+        shared = on_the_way() if todo and not prefix else {}
+        # Each cut's output goes to its store, then the classifier inputs (if any) to this
+        # run's: one store per array _extract yields, in order.
+        cuts: list[list[str]] = [prefix] if prefix else []
+        fill: list[tuple[set[str], Any]] = []
+        for cut in sorted(shared, key=len):
+            stale, put_cut = stack.enter_context(run.store_for(list(cut)).filling(todo))
+            if stale:
+                cuts.append(list(cut))
+                fill.append((set(map(str, stale)), put_cut))
+                stored_for.append(f"the output of {cut[-1]} for {', '.join(shared[cut])}")
+        fill.append((set(map(str, todo)), put))
+        if todo:
+            for path, arrays in run.extract(cuts, not prefix, todo):
+                for (stale, put_array), array in zip(fill, arrays, strict=True):
+                    if str(path) in stale:
+                        put_array(path, array)
+    return len(todo), stored_for
 
 
 def cached_features(
@@ -575,83 +423,35 @@ def cached_features(
     precision = PRECISION_ALIASES.get(str(precision), str(precision))
     tail = feature_tail(module.model, head)
     crop_size = datamodule.preprocessing.crop_size
-    reason = why_not_cacheable(config, module, tail, precision) or probe(module, tail, crop_size)
-    prefix: list[str] = []
+    prefix, reason = _capture_point(config, module, tail, precision, crop_size)
     if reason is not None:
-        if why_not_for_this_run(config, module, precision) is None:
-            prefix = frozen_prefix(module, crop_size)
-        if not prefix:
-            return CachedFeatures(f"off ({reason})")
+        return CachedFeatures(f"off ({reason})")
     datasets = {name: datamodule.dataset(name) for name in SPLITS}
-    transform = repr(datasets["test"].transform)
-    if repr(datasets["train"].transform) != transform:
+    transform = _evaluation_transform(datasets, datamodule)
+    if transform is None:
         return CachedFeatures("off (the training transform is not the evaluation transform)")
-    normalise = getattr(datamodule, "normalise", None)  # uint8 batches, normalised on the device
-    if normalise is not None:
-        transform += f", then on the device {normalise!r}"
-    device = _device(accelerator)
-
-    def store_for(cut: list[str]) -> ArrayStore:
-        meta = {
-            "kind": "features",
-            "version": FEATURE_VERSION,
-            "architecture": type(module.model).__qualname__,
-            "backbone": backbone_fingerprint(module.model, tail, cut),
-            "capture": f"output of {cut[-1]}" if cut else tail[0],
-            "transform": transform,
-            "precision": precision,
-            "channels_last": bool(getattr(module, "channels_last", False)),
-            "device": device.type,
-            "torch": ".".join(torch.__version__.split(".")[:2]),
-        }
-        folder = cache_root(config.cache_dir) / "features" / f"{config.backbone}-{short_hash(meta)}"
-        return ArrayStore(folder, "float32", meta)
-
+    run = _FeaturePass(
+        config,
+        module,
+        tail,
+        datasets,
+        datamodule,
+        transform,
+        precision,
+        _device(accelerator),
+        progress,
+    )
     samples = {name: list(ds.samples) for name, ds in datasets.items()}
     paths = [p for name in SPLITS for p, _ in samples[name]]
-    stored_for: list[str] = []
     try:
-        store = store_for(prefix)
-        with contextlib.ExitStack() as stack:
-            todo, put = stack.enter_context(store.filling(paths))
-            # Prefixes stored on the way: only by a pass over the whole backbone (whose blocks
-            # they are), each filling in what it lacks of the images this pass computes anyway.
-            shared: dict[tuple[str, ...], list[str]] = {}
-            for strategy in also_for if todo and not prefix else ():
-                cut = prefix_for_strategy(module, head, strategy, config.freeze_percent, crop_size)
-                if cut:
-                    shared.setdefault(tuple(cut), []).append(strategy)
-            # Each cut's output goes to its store, then the classifier inputs (if any) to this
-            # run's: one store per array _extract yields, in order.
-            cuts: list[list[str]] = [prefix] if prefix else []
-            fill: list[tuple[set[str], Any]] = []
-            for cut in sorted(shared, key=len):
-                stale, put_cut = stack.enter_context(store_for(list(cut)).filling(todo))
-                if stale:
-                    cuts.append(list(cut))
-                    fill.append((set(map(str, stale)), put_cut))
-                    stored_for.append(f"the output of {cut[-1]} for {', '.join(shared[cut])}")
-            fill.append((set(map(str, todo)), put))
-            if todo:
-                extracted = _extract(
-                    module,
-                    tail,
-                    cuts,
-                    not prefix,
-                    datasets,
-                    datamodule.on_after_batch_transfer,
-                    todo,
-                    config.batch_size,
-                    datamodule.num_workers,
-                    device,
-                    precision,
-                    progress,
-                )
-                for path, arrays in extracted:
-                    for (stale, put_array), array in zip(fill, arrays, strict=True):
-                        if str(path) in stale:
-                            put_array(path, array)
-        computed = len(todo)
+        store = run.store_for(prefix)
+        computed, stored_for = _fill_stores(
+            run,
+            store,
+            paths,
+            prefix,
+            lambda: _prefixes_of(module, head, config, crop_size, also_for),
+        )
         shape = store.arrays(paths[:1])[paths[0]].shape
         feature_sets = {name: _features_of(store, samples[name], shape) for name in SPLITS}
     except OSError as exc:
