@@ -139,7 +139,7 @@ def _step_in_second_epoch(checkpoint: Path) -> int | None:
 # watcher below must see a mid-epoch checkpoint and kill the run before the epoch ends.
 SLOW_STEPS_MAIN = """
 import time
-from inat_finetune import training
+from inat_finetune.tasks import classification as training
 step = training.FineTuneModule.training_step
 def slow_step(self, batch, batch_idx):
     time.sleep(0.2)

@@ -20,19 +20,19 @@ test split. A resumed run (``run_dir`` given) writes its files only once its mod
 caches are ready, right before training restarts (see ``resume``).
 
 ``train`` reads as the run's phases, each a function named for what it decides, passing state
-in small dataclasses:
+in small dataclasses (``state``):
 
-    prepare_processes     accelerator, precision, channels-last, the process world, the seed
-    split_for_run         the data's split (scanned once, by rank 0) with the test set guarded
-    check_before_building the settings that cannot run here (preflight), shards per process
+    prepare_processes     accelerator, precision, channels-last, the process world, the seed  (setup)
+    split_for_run         the data's split (scanned once, by rank 0), its test set guarded    (setup)
+    check_before_building the settings that cannot run here (preflight), shards per process  (setup)
     build_model_and_plan  backbone, freezing by strategy or schedule, the recipe's plan
     open_run_directory    new or resumed; its lock; config/split/dataset files of a new run
-    build_module          the card, the global batch and the lr scaled to it, the module
+    build_module          the card; the global batch and the lr scaled to it (decide_batch_and_lr)
     choose_speed_paths    image cache, feature cache, compile, depthwise backward: and why
-    build_trainer         checkpoints, callbacks, loggers, the Lightning Trainer
-    fit_and_test          the optional lr range test, fit (SIGTERM: a stopped run), test
-    collect_results       results.json's keys
-    write_outputs         predictions, results, figures and report, W&B (``outputs``)
+    build_trainer         checkpoints, callbacks, loggers, the Lightning Trainer             (fitting)
+    fit_and_test          the optional lr range test, fit (SIGTERM: a stopped run), test     (fitting)
+    collect_results       results.json's keys                                                (fitting)
+    write_outputs         predictions, results, figures and report, W&B                      (outputs)
 
 ``prepare_processes`` and ``split_for_run`` are also what ``compare`` and ``sweep`` use, so the
 split and its guard are made one way for every entry point.
