@@ -47,6 +47,8 @@ class ModelAndPlan:
 
 @dataclass(frozen=True)
 class RunDirectory:
+    """Where the run writes: a new directory, or the stopped run's own when resuming."""
+
     path: Path
     resuming: bool  # continuing a stopped run in place: its files are rewritten before fit
 
@@ -76,6 +78,7 @@ class SpeedPaths:
     allocator: str
 
     def as_results(self) -> dict[str, Any]:
+        """results.json's ``speed_paths``, its keys in their order."""
         return {
             "image_cache": self.image_cache,
             "feature_cache": self.feature_cache,
