@@ -20,20 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from inat_finetune.data.folders import make_split
 from inat_finetune.errors import UserError
 from inat_finetune.models.freezing import STRATEGIES
 from inat_finetune.runfiles import new_run_dir, write_json_atomic, write_text_atomic
-from inat_finetune.runtime.distributed import (
-    broadcast_from_zero,
-    is_global_zero,
-    join_launched_group,
-    plan_world,
-    shared_directory,
-)
-from inat_finetune.runtime.hardware import resolve_accelerator
+from inat_finetune.runtime.distributed import broadcast_from_zero, shared_directory
 from inat_finetune.training.config import TrainConfig
-from inat_finetune.training.run import guard_test_set, train
+from inat_finetune.training.outputs import write_figures_and_report
+from inat_finetune.training.run import train
+from inat_finetune.training.setup import prepare_processes, split_for_run
 
 log = logging.getLogger(__name__)
 
@@ -117,23 +111,11 @@ def compare(
     if then_train_epochs is not None and then_train_epochs < 1:
         raise UserError(f"--then-train-epochs {then_train_epochs}: must be at least 1")
     # Under DDP every process runs this loop; rank 0 alone scans and writes (see distributed).
-    accelerator = resolve_accelerator(config.accelerator)
-    world = plan_world(config.devices, config.num_nodes, accelerator)
-    join_launched_group(accelerator)
-    zero = is_global_zero()
-    split = broadcast_from_zero(
-        lambda: guard_test_set(
-            make_split(
-                config.data,
-                config.seed,
-                config.val_fraction,
-                config.test_fraction,
-                progress=progress and zero,
-            )
-        )
-    )
+    processes = prepare_processes(config)
+    split = split_for_run(config, progress and processes.zero)
     comparison_dir = shared_directory(
-        lambda: new_run_dir(config.output, config.run_name or "compare"), world.processes
+        lambda: new_run_dir(config.output, config.run_name or "compare"),
+        processes.world.processes,
     )
     group = comparison_dir.name
     runs_dir = comparison_dir / "runs"
@@ -196,14 +178,10 @@ def compare(
             "val_acc": final.results["best_val_acc"],
             "test_acc": final.results["test_acc"],
         }
-    if not zero:
+    if not processes.zero:
         return ComparisonResult(comparison_dir, comparison)
     write_json_atomic(comparison_dir / "comparison.json", comparison)
     write_text_atomic(comparison_dir / "comparison.md", comparison_markdown(comparison))
     if report:
-        from inat_finetune.reporting.plots import plot_comparison
-        from inat_finetune.reporting.report import write_report
-
-        plot_comparison(comparison_dir)
-        write_report(comparison_dir)
+        write_figures_and_report(comparison_dir)
     return ComparisonResult(comparison_dir, comparison)

@@ -31,7 +31,7 @@ from typing import Any
 import lightning as L
 import optuna
 
-from inat_finetune.data.folders import DataSplit, make_split
+from inat_finetune.data.folders import DataSplit
 from inat_finetune.errors import UserError
 from inat_finetune.experiments.sweep_outputs import (
     OVER_BUDGET,
@@ -51,7 +51,8 @@ from inat_finetune.experiments.sweep_spec import (
 )
 from inat_finetune.runfiles import write_yaml_atomic
 from inat_finetune.training.config import TrainConfig
-from inat_finetune.training.run import guard_test_set, train
+from inat_finetune.training.run import train
+from inat_finetune.training.setup import split_for_run
 
 log = logging.getLogger(__name__)
 
@@ -221,9 +222,7 @@ def _run_trial(
     # All trials on one split (unless the split's own options are searched): scan it once.
     key = (config.data, config.seed, config.val_fraction, config.test_fraction)
     if key not in splits:
-        splits[key] = guard_test_set(
-            make_split(config.data, config.seed, config.val_fraction, config.test_fraction)
-        )
+        splits[key] = split_for_run(config)
     pruning = PruningCallback(trial)
     result = train(config, split=splits[key], progress=progress, report=report, callbacks=[pruning])
     trial.set_user_attr("run_dir", str(result.run_dir))

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -219,18 +218,19 @@ def swap_ema_for_loading(state_dict: dict[str, torch.Tensor]) -> None:
 
 
 def run_lr_find(
-    trainer: Any, module: Any, datamodule: Any, run_dir: Path, steps: int, apply: bool
+    trainer: Any, module: Any, datamodule: Any, steps: int, apply: bool
 ) -> dict[str, Any]:
-    """Lightning's learning-rate range test; writes ``figures/lr_find.png`` and ``lr_find.json``.
+    """Lightning's learning-rate range test: the rates tried, their losses and the suggestion.
 
     The learning rate grows exponentially from 1e-7 to 1 over ``steps`` batches while the loss
     is recorded; the suggestion is the rate where the loss falls fastest. Every parameter group
     gets the same rate during the test, so the suggestion is for the head (``--lr``); the
     backbone's groups keep their ratio to it. The model and optimizer are restored afterwards.
+    Returns ``suggestion``, ``applied`` (``apply`` and a suggestion was found: ``module.lr`` is
+    then set to it), and ``lr``/``loss`` (absent when Lightning found nothing). Draws and writes
+    nothing: the caller saves the numbers and draws them (``reporting/lr_find.py``).
     """
     from lightning.pytorch.tuner import Tuner
-
-    from inat_finetune.runfiles import write_json_atomic
 
     finder = Tuner(trainer).lr_find(
         module,
@@ -244,34 +244,9 @@ def run_lr_find(
     if finder is None:
         return {"suggestion": None, "applied": False}
     suggestion = finder.suggestion()
-    result = {
+    return {
         "suggestion": suggestion,
         "applied": bool(apply and suggestion is not None),
         "lr": [float(v) for v in finder.results["lr"]],
         "loss": [float(v) for v in finder.results["loss"]],
-        "figure": "figures/lr_find.png",
     }
-    plot_lr_find(result, run_dir / "figures" / "lr_find.png")
-    write_json_atomic(run_dir / "lr_find.json", result)
-    return result
-
-
-def plot_lr_find(result: dict[str, Any], out: Path) -> Path:
-    from matplotlib.figure import Figure
-
-    from inat_finetune.reporting.plots import save_figure
-
-    fig = Figure(figsize=(7, 4.5), dpi=100)
-    ax = fig.add_subplot()
-    ax.plot(result["lr"], result["loss"], color="#4c72b0")
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate (log scale)")
-    ax.set_ylabel("training loss (smoothed)")
-    suggestion = result["suggestion"]
-    if suggestion is not None:
-        ax.axvline(suggestion, color="#d00000", linestyle="--", label=f"suggested {suggestion:.2e}")
-        ax.legend()
-    ax.set_title("Learning-rate range test")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return save_figure(fig, out)
