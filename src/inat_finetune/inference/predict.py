@@ -149,7 +149,9 @@ class Predictor:
         """Per image, its ``top_k`` (class name, probability) pairs, most likely first.
 
         Paths and PIL images may be mixed; a folder is not expanded here (``predict_paths`` does
-        that, and skips unreadable files instead of raising).
+        that, and skips unreadable files instead of raising). A JPEG given by path is decoded at
+        reduced scale as in training; the same JPEG already opened as a PIL image was decoded in
+        full, so its probabilities can differ in the third decimal.
         """
         if top_k < 1:
             raise UserError(f"top_k={top_k}: ask for at least one class per image (top_k=1)")
