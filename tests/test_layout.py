@@ -60,7 +60,6 @@ MAX_FUNCTION_LINES = 80
 # test_work_in_progress_allowlist_is_current fails for an entry that no longer needs to be here.
 WORK_IN_PROGRESS = {
     "cli/main.py": "options generated from TrainConfig (module; train, sweep)",
-    "reporting/plots.py": "notebook figures for the Python API (module)",
     "experiments/comparison.py": "the shared split and process set-up (compare)",
 }
 

@@ -1,4 +1,7 @@
-"""inat-finetune: fine-tune ImageNet-pretrained CNNs on iNaturalist nature_12K."""
+"""inat-finetune: fine-tune ImageNet-pretrained CNNs on iNaturalist nature_12K.
+
+From Python: ``train``, ``compare`` and ``load`` (see ``inat_finetune.api``).
+"""
 
 import os
 
@@ -9,8 +12,19 @@ import os
 # value already in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from inat_finetune.api import Comparison, Run, compare, load, train
 from inat_finetune.errors import UserError
 from inat_finetune.models.backbones import get_model, list_models
 
 __version__ = "0.1.0"
-__all__ = ["UserError", "get_model", "list_models", "__version__"]
+__all__ = [
+    "Comparison",
+    "Run",
+    "UserError",
+    "__version__",
+    "compare",
+    "get_model",
+    "list_models",
+    "load",
+    "train",
+]

@@ -7,6 +7,10 @@ the reason and skipped; one bad photo never stops a batch of thousands, nor the 
 of its batch: a file that is missing, vanished, unreadable, not a regular file (a named pipe
 is never opened: it would wait forever), undecodable, or refused by ``data.memory_refusal``
 (too many pixels, too elongated, or over the memory budget once resized) is skipped alone.
+
+``Predictor`` is also what the Python API's ``load`` hands a notebook: it takes files or PIL
+images (``predict``), runs on a chosen ``device`` (the command line's is the CPU), and answers
+the top-k classes with their probabilities, the same numbers ``inat-finetune predict`` prints.
 """
 
 from __future__ import annotations
@@ -21,14 +25,14 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import nn
 
 from inat_finetune.data.datamodule import build_eval_transform
 from inat_finetune.data.folders import SkippedFile
 from inat_finetune.data.images import IMAGE_EXTENSIONS, ImageRefused, load_image, not_regular_reason
 from inat_finetune.data.tta import tta_logits
-from inat_finetune.errors import one_line
+from inat_finetune.errors import UserError, one_line
 from inat_finetune.inference.evaluation import find_checkpoint, load_checkpoint
 from inat_finetune.models.backbones import Preprocessing
 from inat_finetune.runfiles import write_json_atomic, write_text_atomic
@@ -68,31 +72,49 @@ class PredictionReport:
 
 
 class Predictor:
-    """A loaded checkpoint plus its preprocessing; shared by ``predict`` and ``serve``."""
+    """A loaded checkpoint plus its preprocessing; shared by ``predict``, ``serve`` and the API."""
 
     def __init__(
-        self, model: nn.Module, card: dict[str, Any], checkpoint: str = "", precision: str = "auto"
+        self,
+        model: nn.Module,
+        card: dict[str, Any],
+        checkpoint: str = "",
+        precision: str = "auto",
+        device: str | torch.device = "cpu",
     ) -> None:
+        self.device = torch.device(device)
         # Channels-last runs depthwise convolutions (MobileNet, EfficientNet) several times
         # faster on CPU, as training does; results agree with NCHW to float rounding.
-        self.model = model.eval().to(memory_format=torch.channels_last)
+        self.model = model.eval().to(self.device, memory_format=torch.channels_last)
         self.card = card
         self.checkpoint = checkpoint
         self.class_names: list[str] = list(card["class_names"])
         self.preprocessing = Preprocessing.from_dict(card["preprocessing"])
         self.transform = build_eval_transform(self.preprocessing)
         # The same arithmetic as training's test phase and `evaluate` (bf16 autocast where the
-        # CPU computes it natively), so all three agree image for image.
-        self.bf16 = resolve_precision(precision, "cpu") == "bf16-mixed"
+        # device computes it natively), so all three agree image for image.
+        self.autocast_dtype = _autocast_dtype(resolve_precision(precision, self.device.type))
 
     @classmethod
-    def from_checkpoint(cls, run_or_ckpt: str | Path) -> Predictor:
+    def from_checkpoint(
+        cls, run_or_ckpt: str | Path, device: str | torch.device = "cpu"
+    ) -> Predictor:
         ckpt = find_checkpoint(run_or_ckpt)
         model, card = load_checkpoint(ckpt)
-        return cls(model, card, str(ckpt))
+        return cls(model, card, str(ckpt), device=device)
 
-    def load(self, source: str | Path | IO[bytes]) -> torch.Tensor:
+    @property
+    def bf16(self) -> bool:
+        return self.autocast_dtype == torch.bfloat16
+
+    @bf16.setter
+    def bf16(self, on: bool) -> None:
+        self.autocast_dtype = torch.bfloat16 if on else None
+
+    def load(self, source: str | Path | IO[bytes] | Image.Image) -> torch.Tensor:
         """Decode one image and turn it into the network's input tensor (C, H, W)."""
+        if isinstance(source, Image.Image):
+            return self.transform(pil_as_rgb(source))
         # The same reduced-size JPEG decoding as training and evaluation, so results agree.
         image = load_image(source, draft_size=self.preprocessing.resize_size)
         return self.transform(image)
@@ -105,8 +127,9 @@ class Predictor:
             return self.model(images.contiguous(memory_format=torch.channels_last))
 
         # The same test-time augmentation as evaluate (data/tta.py).
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            return tta_logits(forward, batch, "flip" if tta else "none")
+        dtype = self.autocast_dtype
+        with torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=bool(dtype)):
+            return tta_logits(forward, batch.to(self.device), "flip" if tta else "none")
 
     def top(self, logits: torch.Tensor, top_k: int) -> list[list[tuple[str, float]]]:
         probs = logits.softmax(dim=1)
@@ -115,6 +138,44 @@ class Predictor:
             [(self.class_names[i], float(v)) for v, i in zip(vs, idx, strict=True)]
             for vs, idx in zip(values.tolist(), indices.tolist(), strict=True)
         ]
+
+    def predict(
+        self,
+        images: str | Path | Image.Image | Sequence[str | Path | Image.Image],
+        top_k: int = 1,
+        batch_size: int = 32,
+        tta: bool = False,
+    ) -> list[list[tuple[str, float]]]:
+        """Per image, its ``top_k`` (class name, probability) pairs, most likely first.
+
+        Paths and PIL images may be mixed; a folder is not expanded here (``predict_paths`` does
+        that, and skips unreadable files instead of raising). A JPEG given by path is decoded at
+        reduced scale as in training; the same JPEG already opened as a PIL image was decoded in
+        full, so its probabilities can differ in the third decimal.
+        """
+        if top_k < 1:
+            raise UserError(f"top_k={top_k}: ask for at least one class per image (top_k=1)")
+        items = [images] if isinstance(images, str | Path | Image.Image) else list(images)
+        answers: list[list[tuple[str, float]]] = []
+        for start in range(0, len(items), max(1, batch_size)):
+            batch = torch.stack([self.load(item) for item in items[start : start + batch_size]])
+            answers += self.top(self.logits(batch, tta), top_k)
+        return answers
+
+
+def _autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast type a resolved precision asks for; None runs in float32."""
+    return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+
+
+def pil_as_rgb(image: Image.Image) -> Image.Image:
+    """A PIL image as 8-bit RGB the way ``load_image`` treats a file: EXIF rotation applied,
+    transparency laid on white."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
 
 
 def collect_images(paths: Iterable[str | Path]) -> tuple[list[Path], list[SkippedFile]]:

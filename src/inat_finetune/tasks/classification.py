@@ -4,13 +4,15 @@ Cross-entropy (with the recipe's label smoothing and class weights on the traini
 accuracy per split, per-class test accuracy, the confusion matrix and the test probabilities in
 loader order. The optimiser, schedule, EMA, batch mixing, staged unfreezing and TTA come from a
 ``TrainingPlan`` (``tasks.optim``). ``card`` describes the model and is stored in every
-checkpoint (``models.checkpoints``), so a checkpoint alone rebuilds and uses the model.
-Training (``training``) and inference (``inference``) both build on this module.
+checkpoint (``models.checkpoints``), so a checkpoint alone rebuilds and uses the model: ``FineTuneModule.load_from_checkpoint(path)``
+works as Lightning users expect, rebuilding the network from the card (no ImageNet download) and
+reading the file with ``weights_only=True``. Training (``training``) and inference (``inference``) both build on this module.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -20,7 +22,9 @@ from torch import nn
 
 from inat_finetune.data.augment import batch_mixer, dominant_labels
 from inat_finetune.data.tta import tta_logits
-from inat_finetune.models.checkpoints import CARD_KEY
+from inat_finetune.errors import UserError
+from inat_finetune.models.backbones import get_model
+from inat_finetune.models.checkpoints import CARD_KEY, read_checkpoint
 from inat_finetune.models.freezing import hold_frozen_batchnorm
 from inat_finetune.models.stages import apply_start
 from inat_finetune.runtime.distributed import (
@@ -107,6 +111,39 @@ class FineTuneModule(L.LightningModule):
         )
         self.mixer = batch_mixer(num_classes, self.plan.mixup_alpha, self.plan.cutmix_alpha)
         self.ema = make_ema(self.model, self.plan.ema_decay) if self.plan.ema_decay else None
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | Path,
+        map_location: Any = None,
+        **kwargs: Any,
+    ) -> FineTuneModule:
+        """The module of a saved checkpoint, in eval mode, holding the weights the run kept.
+
+        Lightning's own version calls ``__init__`` with saved hyperparameters, which cannot hold
+        the network; the card can: the backbone is rebuilt from it (``weights=None``, no download)
+        and the ``model.*`` weights loaded (the EMA weights when the run averaged them). Keyword
+        arguments go to ``__init__`` (``lr``, ``plan``, ...) for training on from here.
+        """
+        path = Path(checkpoint_path)
+        checkpoint = read_checkpoint(path, map_location=map_location or "cpu")
+        card = checkpoint.get(CARD_KEY)
+        if card is None:
+            raise UserError(
+                f"{path}: not an inat-finetune checkpoint (no '{CARD_KEY}' description); "
+                "pass a checkpoint written by `inat-finetune train`"
+            )
+        built = get_model(card["backbone"], num_classes=len(card["class_names"]), weights=None)
+        prefix = "model."
+        weights = {
+            k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)
+        }
+        built.model.load_state_dict(weights)
+        module = cls(built.model, card, **kwargs)
+        if STAGE_KEY in checkpoint and module.plan.unfreeze is not None:
+            module.apply_stage(int(checkpoint[STAGE_KEY]))
+        return module.eval()
 
     def apply_stage(self, start: int) -> None:
         """Train from stage number ``start`` on (see models/stages.py)."""
