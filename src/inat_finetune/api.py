@@ -3,7 +3,7 @@
     from inat_finetune import train, load
     run = train(data="hymenoptera", backbone="mobilenet_v2", strategy="freeze_last", epochs=2)
     run.results["test_acc"], run.figures.curves()          # a dict, a matplotlib Figure
-    run.predict(["bee.jpg"], top_k=3)                      # [[("bees", 0.97), ...]]
+    run.predict(["bee.jpg"], top_k=3)                      # per image: [(label, score), ...]
     load("runs/mobilenet_v2-freeze_last").predict([image])  # a path or a PIL image
 
 The contract:
