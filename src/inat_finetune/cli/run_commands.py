@@ -146,8 +146,8 @@ def compare(
     from inat_finetune.experiments.comparison import parse_strategies
     from inat_finetune.runtime.distributed import is_global_zero
 
-    chosen = parse_strategies(strategies)
-    result = run_comparison(config_from(config, options), chosen, then_train_epochs)
+    cfg = config_from(config, options)  # checked before --strategies, as it always was
+    result = run_comparison(cfg, parse_strategies(strategies), then_train_epochs)
     if is_global_zero():
         _print_comparison(result)
 
