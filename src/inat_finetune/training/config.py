@@ -64,6 +64,20 @@ MAX_MINUTES = 1e6  # about two years
 MAX_FLOAT32 = 3.4e38
 
 
+# How the command line offers a field (cli/options.py generates the `train` and `compare`
+# options from these fields, so each option is declared once, here). Every field is a `train`
+# option named --field-name, whose help is the description and whose shown default is the
+# field's default; json_schema_extra adds, under these keys:
+COMPARE_KEY = (
+    "compare"  # True: also a `compare` option (compare keeps its one split and strategies)
+)
+FLAG = "flag"  # the option's spelling when it is not --field-name[/--no-field-name]
+UNSET = "unset"  # what a default of None means, shown as the help's default
+CLI_KEY = "cli"  # False: set only in a --config file (the reason stands beside the field)
+COMPARE: dict[str, Any] = {"json_schema_extra": {COMPARE_KEY: True}}
+CONFIG_FILE_ONLY: dict[str, Any] = {"json_schema_extra": {CLI_KEY: False}}
+
+
 class TrainConfig(BaseModel):
     # allow_inf_nan=False: lr=.inf or checkpoint_minutes=.nan in a YAML file are typos, refused.
     # Every number has the bounds it can run with, declared here (the single place): a value
@@ -72,114 +86,170 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     data: str | None = Field(
-        None, description="dataset root (nature_12K, train/val[/test], or class folders)"
+        None, description="dataset root: nature_12K, train/+val/ or class folders", **COMPARE
     )
-    output: str = Field("runs", description="directory that holds one directory per run")
+    output: str = Field("runs", description="directory of run directories", **COMPARE)
     run_name: str | None = Field(
-        None, description="name of the run directory (default: backbone-strategy)"
+        None, description="run directory name", json_schema_extra={UNSET: "backbone-strategy"}
     )
 
-    backbone: str = Field("resnet50", description="torchvision or timm model name")
+    backbone: str = Field("resnet50", description="torchvision or timm model name", **COMPARE)
     weights: str = Field(
-        "DEFAULT", description="weights name (IMAGENET1K_V1...), a file path, or 'none'"
+        "DEFAULT", description="weights name (IMAGENET1K_V1), file path, or 'none'", **COMPARE
     )
-    strategy: str = Field("freeze_except_bn_and_fc", description=f"one of {', '.join(STRATEGIES)}")
+    strategy: str = Field("freeze_except_bn_and_fc", description=", ".join(STRATEGIES))
     freeze_percent: float = Field(
-        0.25, ge=0.0, le=1.0, description="fraction frozen by freeze_k_percent"
+        0.25,
+        ge=0.0,
+        le=1.0,
+        description="fraction of backbone tensors frozen by freeze_k_percent",
+        **COMPARE,
     )
     frozen_bn: Literal["eval", "train"] = Field(
         "eval",
-        description="frozen BatchNorm layers: 'eval' keeps ImageNet statistics, 'train' updates them",
+        description="frozen BatchNorm layers: eval (keep ImageNet stats) or train (update, as "
+        "the seed)",
+        **COMPARE,
     )
 
-    epochs: int = Field(10, ge=1, le=MAX_EPOCHS)
-    batch_size: int = Field(32, ge=1, le=MAX_BATCH)
-    lr: float = Field(1e-3, gt=0, le=MAX_LR)
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    weight_decay: float = Field(0.0, ge=0, le=MAX_WEIGHT_DECAY)
+    epochs: int = Field(10, ge=1, le=MAX_EPOCHS, description="training epochs", **COMPARE)
+    batch_size: int = Field(
+        32, ge=1, le=MAX_BATCH, description="images per step on each device", **COMPARE
+    )
+    lr: float = Field(1e-3, gt=0, le=MAX_LR, description="learning rate", **COMPARE)
+    optimizer: Literal["adam", "adamw", "sgd"] = Field(
+        "adam", description="adam, adamw or sgd", **COMPARE
+    )
+    weight_decay: float = Field(
+        0.0, ge=0, le=MAX_WEIGHT_DECAY, description="weight decay", **COMPARE
+    )
     img_size: int | None = Field(
-        None, ge=16, le=MAX_IMG_SIZE, description="input size (default: the weights preset's, 224)"
+        None,
+        ge=16,
+        le=MAX_IMG_SIZE,
+        description="input size in pixels",
+        json_schema_extra={UNSET: "weights preset, 224", **COMPARE["json_schema_extra"]},
     )
-    augment: bool = Field(True, description="augment the training subset (never val/test)")
-    val_fraction: float = Field(0.2, gt=0, lt=1)
-    test_fraction: float = Field(0.2, gt=0, lt=1, description="only for a flat folder of classes")
+    augment: bool = Field(
+        True, description="augment the training subset (never val/test)", **COMPARE
+    )
+    val_fraction: float = Field(
+        0.2, gt=0, lt=1, description="share of train/ held out for validation"
+    )
+    test_fraction: float = Field(
+        0.2, gt=0, lt=1, description="share held out for test, flat folders only"
+    )
 
-    seed: int = Field(42, ge=0, le=MAX_SEED, description="0 to 2**32 - 1 (numpy's range)")
+    seed: int = Field(
+        42,
+        ge=0,
+        le=MAX_SEED,
+        description="seeds splits, weights init, augmentation, workers (0 to 2**32 - 1)",
+        **COMPARE,
+    )
     num_workers: int | None = Field(
         None,
         ge=0,
         le=MAX_WORKERS,
-        description="DataLoader workers (default: CPU count, max 8; none when a CPU of at most "
-        "4 cores trains on prepared images)",
+        description="DataLoader workers",
+        json_schema_extra={
+            UNSET: "CPU count, max 8; none when a CPU of at most 4 cores trains on prepared images",
+            **COMPARE["json_schema_extra"],
+        },
     )
-    accelerator: str = Field("auto", description="auto, cpu, cuda, mps")
-    devices: str = Field("auto", description="Lightning devices: auto, 1, 2, ...")
+    accelerator: str = Field("auto", description="auto, cpu, cuda, mps", **COMPARE)
+    devices: str = Field(
+        "auto",
+        description="devices (processes) per machine: auto (all GPUs), 1, 2, ... or 0,1; DDP "
+        "when more than one",
+        **COMPARE,
+    )
     num_nodes: int = Field(
         1,
         ge=1,
         le=MAX_NODES,
         description="machines, each running --devices processes (torchrun or srun)",
+        **COMPARE,
     )
     scale_lr: Literal["none", "linear", "sqrt"] = Field(
         "none",
-        description="scale lr by the global batch (batch_size x devices x nodes) over 32",
+        description="none, linear or sqrt: scale --lr by global batch (batch size x devices x "
+        "nodes) / 32",
+        **COMPARE,
     )
-    precision: str = Field("auto", description="auto, 32-true, bf16-mixed, 16-mixed")
+    precision: str = Field("auto", description="auto, 32-true, bf16-mixed, 16-mixed", **COMPARE)
     channels_last: bool | None = Field(
-        None, description="channels-last memory format (default: auto)"
+        None, description="channels-last memory format", json_schema_extra={UNSET: "auto"}
     )
     image_cache: bool = Field(
-        True, description="decode and resize each image once into a cache (speed/prepared.py)"
+        True,
+        description="decode and resize each image once into the cache",
+        **COMPARE,
     )
     feature_cache: bool = Field(
         True,
-        description="train the head on stored features when the backbone is frozen and "
-        "deterministic (speed/features.py)",
+        description="train the head on stored features when the backbone is frozen and the "
+        "training images are not augmented",
+        **COMPARE,
     )
     cache_dir: str | None = Field(
-        None, description="cache folder (default: $INAT_FINETUNE_CACHE or ~/.cache/inat-finetune)"
+        None,
+        description="cache folder",
+        json_schema_extra={
+            UNSET: "$INAT_FINETUNE_CACHE or ~/.cache/inat-finetune",
+            **COMPARE["json_schema_extra"],
+        },
     )
     compile: bool = Field(
-        False, description="torch.compile the network (slow start; long GPU runs)"
+        False, description="torch.compile the network (slow start; long GPU runs)", **COMPARE
     )
     fast_depthwise_grad: bool = Field(
         True,
         description="on the CPU, take depthwise convolutions' input gradient by the faster "
         "route of speed/depthwise_grad.py (same values up to rounding)",
+        **CONFIG_FILE_ONLY,  # a switch for measuring the speed path, not for everyday runs
     )
     reuse_freed_memory: bool = Field(
         True,
         description="on the CPU, keep freed memory for reuse while a run lasts instead of "
         "returning it to the system after every step (glibc; runtime/allocator.py)",
+        **CONFIG_FILE_ONLY,  # a switch for measuring the allocator, not for everyday runs
     )
-    wandb: bool = False
-    wandb_project: str = "inat-finetune"
-    wandb_group: str | None = Field(None, description="W&B group (compare sets one per comparison)")
+    wandb: bool = Field(
+        False, description="log to Weights & Biases (WANDB_MODE=offline works)", **COMPARE
+    )
+    wandb_project: str = Field("inat-finetune", description="W&B project", **COMPARE)
+    wandb_group: str | None = Field(
+        None,
+        description="W&B group (compare sets one per comparison)",
+        **CONFIG_FILE_ONLY,  # compare and sweep set it; a YAML file may
+    )
     checkpoint_steps: int | None = Field(
         None,
         ge=1,
         le=MAX_STEPS,
         description="also write last.ckpt every N training steps (overrides minutes)",
+        json_schema_extra={UNSET: "off"},
     )
     checkpoint_minutes: float | None = Field(
         10.0,
         ge=0,
         le=MAX_MINUTES,
-        description="also write last.ckpt every N minutes of training (0: epoch ends only)",
+        description="also write last.ckpt every N minutes of training, 0 for epoch ends only",
     )
 
     # Fine-tuning recipes (issue 6): see training/recipes.py, models/stages.py, tasks/optim.py, data/augment.py, data/tta.py.
     recipe: Literal["seed", "strong"] | None = Field(
-        None, description="preset of the options below; explicit options override it"
+        None, description="preset: seed (the original write-up) or strong; options override it"
     )
     train_from: str | None = Field(
-        None, description="stage from which the network trains (layer3, features.14, all)"
+        None, description="train from this stage on (layer3, features.14, all); see errors"
     )
     lp_epochs: int = Field(
         0,
         ge=0,
         le=MAX_EPOCHS,
-        description="LP-FT: epochs of the head alone before train_from (default all)",
+        description="LP-FT: head-only epochs before --train-from",
     )
     unfreeze_schedule: str | None = Field(
         None, description="gradual unfreezing, EPOCH:STAGE,...: e.g. 0:head,2:layer4,4:layer3"
@@ -188,45 +258,67 @@ class TrainConfig(BaseModel):
         1.0, gt=0, le=MAX_LR_SCALE, description="backbone lr = lr * this"
     )
     layer_decay: float = Field(
-        1.0, gt=0, le=1, description="each stage further from the head: lr * this once more"
+        1.0, gt=0, le=1, description="lr * this per stage further from the head"
     )
-    lr_schedule: Literal["constant", "cosine", "onecycle"] = "constant"
+    lr_schedule: Literal["constant", "cosine", "onecycle"] = Field(
+        "constant", description="constant, cosine or onecycle"
+    )
     warmup_epochs: float = Field(
-        0.0, ge=0, le=MAX_EPOCHS, description="linear warmup (also after unfreezing)"
+        0.0, ge=0, le=MAX_EPOCHS, description="linear lr warmup (also after unfreezing)"
     )
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="e.g. 0.1")
     grad_clip_norm: float | None = Field(
-        None, gt=0, le=MAX_FLOAT32, description="clip the gradient norm"
+        None,
+        gt=0,
+        le=MAX_FLOAT32,
+        description="clip the gradient norm",
+        json_schema_extra={UNSET: "off"},
     )
     early_stopping_patience: int | None = Field(
         None,
         ge=1,
         le=MAX_EPOCHS,
         description="stop after this many epochs without a better val accuracy",
+        json_schema_extra={UNSET: "off"},
     )
     ema_decay: float | None = Field(
-        None, gt=0, lt=1, description="validate, test and save an EMA of the weights (0.999)"
+        None,
+        gt=0,
+        lt=1,
+        description="EMA of the weights, validated/tested/saved (0.999)",
+        json_schema_extra={UNSET: "off"},
     )
     class_weighted_loss: bool = Field(False, description="weight the loss by 1/class frequency")
-    augmentation: Literal["seed", "trivialaugment", "randaugment"] = "seed"
+    augmentation: Literal["seed", "trivialaugment", "randaugment"] = Field(
+        "seed", description="seed, trivialaugment or randaugment"
+    )
     random_erasing: float = Field(0.0, ge=0, le=1, description="probability per image")
     mixup_alpha: float = Field(
-        0.0, ge=0, le=MAX_MIX_ALPHA, description="MixUp on training batches (0 = off)"
+        0.0, ge=0, le=MAX_MIX_ALPHA, description="MixUp on training batches, e.g. 0.2 (0: off)"
     )
     cutmix_alpha: float = Field(
-        0.0, ge=0, le=MAX_MIX_ALPHA, description="CutMix on training batches (0 = off)"
+        0.0, ge=0, le=MAX_MIX_ALPHA, description="CutMix on training batches, e.g. 1.0 (0: off)"
     )
     test_img_size: int | None = Field(
         None,
         ge=16,
         le=MAX_IMG_SIZE,
-        description="validation/test/inference input size (default: img_size)",
+        description="val/test/inference size",
+        json_schema_extra={UNSET: "--img-size"},
     )
     tta: Literal["none", "flip", "multicrop"] = Field(
-        "none", description="test-time augmentation of the final test"
+        "none", description="test-time augmentation of the final test: none, flip, multicrop"
     )
-    lr_find: bool = Field(False, description="run a learning-rate range test first")
-    lr_find_apply: bool = Field(False, description="train with the suggested learning rate")
+    lr_find: bool = Field(
+        False,
+        description="learning-rate range test: plot and suggestion, then stop",
+        json_schema_extra={FLAG: "--lr-find"},
+    )
+    lr_find_apply: bool = Field(
+        False,
+        description="with --lr-find: train with the suggested lr",
+        json_schema_extra={FLAG: "--lr-find-apply"},
+    )
     lr_find_steps: int = Field(100, ge=5, le=MAX_STEPS, description="batches in the range test")
 
     @field_validator("strategy")
