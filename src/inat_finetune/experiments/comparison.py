@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from inat_finetune.data.folders import DataSplit
 from inat_finetune.errors import UserError
 from inat_finetune.models.freezing import STRATEGIES
 from inat_finetune.runfiles import new_run_dir, write_json_atomic, write_text_atomic
@@ -117,38 +119,7 @@ def compare(
         lambda: new_run_dir(config.output, config.run_name or "compare"),
         processes.world.processes,
     )
-    group = comparison_dir.name
-    runs_dir = comparison_dir / "runs"
-    rows = []
-    for strategy in strategies:
-        log.info("Strategy %s (%d of %d)", strategy, len(rows) + 1, len(strategies))
-        run_config = config.model_copy(
-            update={
-                "strategy": strategy,
-                "output": str(runs_dir),
-                "run_name": strategy,
-                "wandb_group": group,
-            }
-        )
-        started = time.perf_counter()
-        result = train(
-            run_config,
-            split=split,
-            progress=progress,
-            report=report,
-            # The linear probe's one pass over the backbone also stores what the strategies
-            # after it reuse (the output of their frozen prefix).
-            share_features_with=strategies[len(rows) + 1 :],
-        )
-        rows.append(
-            _row(
-                strategy,
-                result.run_dir,
-                comparison_dir,
-                result.results,
-                time.perf_counter() - started,
-            )
-        )
+    rows = _train_each_strategy(config, strategies, split, comparison_dir, progress, report)
     best = broadcast_from_zero(lambda: select_best(rows))
     comparison: dict[str, Any] = {
         "rows": rows,
@@ -161,23 +132,11 @@ def compare(
         "epochs": config.epochs,
     }
     if then_train_epochs:
-        final_config = config.model_copy(
-            update={
-                "strategy": best["strategy"],
-                "epochs": then_train_epochs,
-                "output": str(runs_dir),
-                "run_name": f"final-{best['strategy']}",
-                "wandb_group": group,
-            }
+        comparison.update(
+            _train_the_best_longer(
+                config, best["strategy"], then_train_epochs, split, comparison_dir, progress, report
+            )
         )
-        final = train(final_config, split=split, progress=progress, report=report)
-        comparison["then_trained"] = final.run_dir.relative_to(comparison_dir).as_posix()
-        comparison["final"] = {
-            "strategy": best["strategy"],
-            "epochs": then_train_epochs,
-            "val_acc": final.results["best_val_acc"],
-            "test_acc": final.results["test_acc"],
-        }
     if not processes.zero:
         return ComparisonResult(comparison_dir, comparison)
     write_json_atomic(comparison_dir / "comparison.json", comparison)
@@ -185,3 +144,70 @@ def compare(
     if report:
         write_figures_and_report(comparison_dir)
     return ComparisonResult(comparison_dir, comparison)
+
+
+def _run_config(
+    config: TrainConfig, comparison_dir: Path, strategy: str, **changes: Any
+) -> TrainConfig:
+    """``config`` for one run of the comparison: its strategy, under ``runs/``, one W&B group."""
+    update = {
+        "strategy": strategy,
+        "output": str(comparison_dir / "runs"),
+        "run_name": strategy,
+        "wandb_group": comparison_dir.name,
+        **changes,
+    }
+    return config.model_copy(update=update)
+
+
+def _train_each_strategy(
+    config: TrainConfig,
+    strategies: Sequence[str],
+    split: DataSplit,
+    comparison_dir: Path,
+    progress: bool,
+    report: bool,
+) -> list[dict[str, Any]]:
+    """One run per strategy on the shared split, in order; a row of the table for each."""
+    rows: list[dict[str, Any]] = []
+    for strategy in strategies:
+        log.info("Strategy %s (%d of %d)", strategy, len(rows) + 1, len(strategies))
+        started = time.perf_counter()
+        result = train(
+            _run_config(config, comparison_dir, strategy),
+            split=split,
+            progress=progress,
+            report=report,
+            # The linear probe's one pass over the backbone also stores what the strategies
+            # after it reuse (the output of their frozen prefix).
+            share_features_with=strategies[len(rows) + 1 :],
+        )
+        elapsed = time.perf_counter() - started
+        rows.append(_row(strategy, result.run_dir, comparison_dir, result.results, elapsed))
+    return rows
+
+
+def _train_the_best_longer(
+    config: TrainConfig,
+    strategy: str,
+    epochs: int,
+    split: DataSplit,
+    comparison_dir: Path,
+    progress: bool,
+    report: bool,
+) -> dict[str, Any]:
+    """``--then-train-epochs``: the selected strategy trained again for longer; what
+    comparison.json says of that run."""
+    final_config = _run_config(
+        config, comparison_dir, strategy, epochs=epochs, run_name=f"final-{strategy}"
+    )
+    final = train(final_config, split=split, progress=progress, report=report)
+    return {
+        "then_trained": final.run_dir.relative_to(comparison_dir).as_posix(),
+        "final": {
+            "strategy": strategy,
+            "epochs": epochs,
+            "val_acc": final.results["best_val_acc"],
+            "test_acc": final.results["test_acc"],
+        },
+    }
