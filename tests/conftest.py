@@ -33,6 +33,18 @@ def _private_cache(tmp_path_factory):
         yield
 
 
+# The smallest real training run: options most training tests start from (a dict to update).
+TINY_TRAIN = dict(
+    backbone="mobilenet_v2",
+    strategy="freeze_last",
+    img_size=32,
+    batch_size=4,
+    num_workers=0,
+    epochs=1,
+    precision="32-true",
+)
+
+
 def write_image(path: Path, seed: int, size: tuple[int, int] = (48, 40), mode: str = "RGB") -> Path:
     """A small random but decodable image; ``seed`` makes its content unique."""
     rng = np.random.default_rng(seed)

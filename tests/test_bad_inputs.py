@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, make_class_folders, write_image, write_tall_png
+from conftest import ROOT, TINY_TRAIN, make_class_folders, write_image, write_tall_png
 from PIL import Image, ImageFile
 from typer.testing import CliRunner
 
@@ -34,15 +34,7 @@ from inat_finetune.training import run as training
 from inat_finetune.training.config import load_config
 from inat_finetune.training.run import train
 
-TINY = dict(
-    backbone="mobilenet_v2",
-    strategy="freeze_last",
-    img_size=32,
-    batch_size=4,
-    num_workers=0,
-    epochs=1,
-    precision="32-true",
-)
+TINY = dict(TINY_TRAIN)
 
 
 def _odd_image(path: Path, kind: str, seed: int) -> None:

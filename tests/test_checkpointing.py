@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import make_class_folders
+from conftest import TINY_TRAIN, make_class_folders
 from torch.utils.data import Dataset
 from typer.testing import CliRunner
 
@@ -32,16 +32,7 @@ from inat_finetune.training.config import load_config
 from inat_finetune.training.run import train
 from inat_finetune.training.runlock import run_lock
 
-TINY = dict(
-    backbone="mobilenet_v2",
-    strategy="freeze_last",
-    img_size=32,
-    batch_size=4,
-    num_workers=0,
-    epochs=2,
-    precision="32-true",
-    checkpoint_steps=1,
-)
+TINY = {**TINY_TRAIN, "epochs": 2, "checkpoint_steps": 1}
 real_save = torch.save
 
 

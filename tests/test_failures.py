@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_class_folders, write_image
+from conftest import TINY_TRAIN, make_class_folders, write_image
 from typer.testing import CliRunner
 
 from inat_finetune import runfiles
@@ -27,16 +27,7 @@ from inat_finetune.training.checkpointing import RunCSVLogger
 from inat_finetune.training.config import load_config
 from inat_finetune.training.run import train
 
-TINY = dict(
-    backbone="mobilenet_v2",
-    strategy="freeze_last",
-    img_size=32,
-    batch_size=4,
-    num_workers=0,
-    epochs=1,
-    precision="32-true",
-    checkpoint_minutes=0,
-)
+TINY = {**TINY_TRAIN, "checkpoint_minutes": 0}
 TINY_ARGS = [
     "--backbone", "mobilenet_v2", "--strategy", "freeze_last", "--img-size", "32",
     "--batch-size", "4", "--num-workers", "0", "--epochs", "1", "--precision", "32-true",

@@ -13,23 +13,13 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import make_class_folders
+from conftest import TINY_TRAIN, make_class_folders
 
 from inat_finetune.training.checkpointing import AtomicCheckpointIO
 from inat_finetune.training.config import load_config
 from inat_finetune.training.run import train
 
-TINY = dict(
-    backbone="mobilenet_v2",
-    strategy="freeze_last",
-    img_size=32,
-    batch_size=4,
-    num_workers=0,
-    epochs=1,
-    precision="32-true",
-    checkpoint_minutes=0,
-    seed=3,
-)
+TINY = {**TINY_TRAIN, "checkpoint_minutes": 0, "seed": 3}
 
 
 @pytest.fixture(scope="module")
