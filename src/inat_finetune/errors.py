@@ -48,10 +48,10 @@ def write_fix(error: OSError) -> str:
     return _FIXES.get(error.errno or 0, "choose another --output")
 
 
-def describe_write_failure(path: object, error: OSError, kept: str = "") -> str:
-    """``<path>: could not write it (<reason>)[, <kept>]; <the fix>``: one line."""
+def describe_write_failure(path: object, error: OSError, kept: str = "", what: str = "it") -> str:
+    """``<path>: could not write <what> (<reason>)[, <kept>]; <the fix>``: one line."""
     reason = error.strerror or str(error)
-    return f"{path}: could not write it ({reason}){f', {kept}' if kept else ''}; {write_fix(error)}"
+    return f"{path}: could not write {what} ({reason}){f', {kept}' if kept else ''}; {write_fix(error)}"
 
 
 def one_line(message: str) -> str:

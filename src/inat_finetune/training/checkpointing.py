@@ -43,7 +43,12 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.trainer.states import TrainerFn
 
-from inat_finetune.errors import UserError, WriteFailedError, write_failure, write_fix
+from inat_finetune.errors import (
+    UserError,
+    WriteFailedError,
+    describe_write_failure,
+    write_failure,
+)
 from inat_finetune.models.checkpoints import read_checkpoint
 from inat_finetune.runfiles import atomic_write, write_text_atomic
 
@@ -74,13 +79,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             atomic_write(path, lambda handle: torch.save(checkpoint, handle))
         except WriteFailedError as exc:
-            failure = write_failure(exc)
-            reason = failure.strerror if failure is not None and failure.strerror else str(exc)
+            # atomic_write raises it from the OSError of the failed write: write_failure finds it.
             kept = "the previous one is intact" if Path(path).exists() else "none was written yet"
+            line = describe_write_failure(path, write_failure(exc), kept, what="the checkpoint")
             raise WriteFailedError(
-                f"{path}: could not write the checkpoint ({reason}), {kept}; "
-                f"{write_fix(failure) if failure is not None else 'choose another --output'}, "
-                "then continue with `inat-finetune train --resume <run directory>`"
+                f"{line}, then continue with `inat-finetune train --resume <run directory>`"
             ) from exc
 
     def load_checkpoint(
