@@ -16,9 +16,10 @@ from torch import nn
 
 from inat_finetune.data.datamodule import FineTuneDataModule
 from inat_finetune.data.folders import DataSplit, make_split
+from inat_finetune.data.tta import TTA_MODES, tta_eval_transform
 from inat_finetune.errors import UserError
 from inat_finetune.models.backbones import Preprocessing, get_model
-from inat_finetune.models.checkpoints import CARD_KEY
+from inat_finetune.models.checkpoints import CARD_KEY, read_checkpoint
 from inat_finetune.runfiles import write_json_atomic
 from inat_finetune.runtime.hardware import (
     resolve_accelerator,
@@ -26,6 +27,7 @@ from inat_finetune.runtime.hardware import (
     resolve_precision,
 )
 from inat_finetune.tasks.classification import FineTuneModule
+from inat_finetune.tasks.optim import TrainingPlan
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +49,6 @@ def find_checkpoint(run_or_ckpt: str | Path) -> Path:
 
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the fine-tuned network from a checkpoint alone (no ImageNet download needed)."""
-    from inat_finetune.models.checkpoints import read_checkpoint
-
     path = Path(path)
     checkpoint = read_checkpoint(path)  # weights_only=True; one-line errors for bad files
     card = checkpoint.get(CARD_KEY)
@@ -95,9 +95,6 @@ def evaluate(
     ``tta``: ``none``, ``flip`` (mean logits of the image and its mirror image) or
     ``multicrop`` (centre and four corner crops, each also mirrored); see ``data/tta.py``.
     """
-    from inat_finetune.data.tta import TTA_MODES, tta_eval_transform
-    from inat_finetune.tasks.optim import TrainingPlan
-
     if tta not in TTA_MODES:
         raise UserError(f"--tta {tta}: unknown; use one of {', '.join(TTA_MODES)}")
     ckpt = find_checkpoint(run_or_ckpt)

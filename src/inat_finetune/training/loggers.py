@@ -25,8 +25,6 @@ def resumed_wandb_run(run_dir: Path) -> dict[str, Any]:
 
 
 def build_loggers(config: TrainConfig, run_dir: Path) -> list[Logger]:
-    from inat_finetune.training.loggers import resumed_wandb_run
-
     loggers: list[Logger] = [RunCSVLogger(save_dir=run_dir, name="", version="")]
     if config.wandb:
         loggers.append(

@@ -31,9 +31,11 @@ from typing import Any
 from inat_finetune.data.folders import DataSplit
 from inat_finetune.data.images import unusable_images
 from inat_finetune.errors import UserError
-from inat_finetune.models.checkpoints import read_checkpoint
+from inat_finetune.models.checkpoints import CARD_KEY, read_checkpoint
+from inat_finetune.runtime.distributed import is_global_zero
 from inat_finetune.training.checkpointing import epochs_started, keep_metrics_rows
 from inat_finetune.training.config import TrainConfig, load_config
+from inat_finetune.training.run import train
 from inat_finetune.training.runlock import run_lock
 
 log = logging.getLogger(__name__)
@@ -90,8 +92,6 @@ def check_checkpoint_fits(
     path: Path, checkpoint: dict[str, Any], config: TrainConfig, classes: list[str]
 ) -> None:
     """Refuse a checkpoint made for another backbone, class set or freezing strategy."""
-    from inat_finetune.models.checkpoints import CARD_KEY
-
     card = checkpoint.get(CARD_KEY)
     if not isinstance(card, dict):
         raise UserError(f"{path}: not an inat-finetune checkpoint (no '{CARD_KEY}' description)")
@@ -175,8 +175,6 @@ def resume_run(run_dir: str | Path, options: dict[str, Any], progress: bool = Tr
     Holds the run's lock (``runlock``) throughout, and changes nothing in the run directory
     until every check has passed and every image of the split has been found and decoded.
     """
-    from inat_finetune.runtime.distributed import is_global_zero
-
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "split.json").is_file():
         raise UserError(
@@ -189,8 +187,6 @@ def resume_run(run_dir: str | Path, options: dict[str, Any], progress: bool = Tr
 
 
 def _resume_locked(run_dir: Path, options: dict[str, Any], progress: bool) -> Any:
-    from inat_finetune.training.run import train
-
     config = resume_config(run_dir, options)
     split = DataSplit.load(run_dir / "split.json")
     check_images_present(split)
