@@ -1,5 +1,9 @@
 """Re-score a saved model: load a self-describing checkpoint and test it on a dataset.
 
+``find_checkpoint`` and ``load_checkpoint`` also take the folder ``export --format
+safetensors`` writes (``model.safetensors`` and ``config.json``, models/safetensors_folder.py):
+the network rebuilt from it computes what the checkpoint's does.
+
 A class with no test image in the data gets accuracy None (null in JSON, n/a on screen) and
 a warning, never 0%.
 """
@@ -20,6 +24,11 @@ from inat_finetune.data.tta import TTA_MODES, tta_eval_transform
 from inat_finetune.errors import UserError
 from inat_finetune.models.backbones import Preprocessing, get_model
 from inat_finetune.models.checkpoints import CARD_KEY, read_checkpoint
+from inat_finetune.models.safetensors_folder import (
+    WEIGHTS_FILE,
+    is_safetensors_folder,
+    read_safetensors_folder,
+)
 from inat_finetune.runfiles import write_json_atomic
 from inat_finetune.runtime.hardware import (
     resolve_accelerator,
@@ -33,8 +42,11 @@ log = logging.getLogger(__name__)
 
 
 def find_checkpoint(run_or_ckpt: str | Path) -> Path:
-    """A checkpoint file, or a run directory's ``checkpoints/best.ckpt``."""
+    """A checkpoint file, a run directory's ``checkpoints/best.ckpt``, or an exported
+    safetensors folder's ``model.safetensors``."""
     path = Path(run_or_ckpt)
+    if path.is_dir() and is_safetensors_folder(path):
+        return path / WEIGHTS_FILE
     if path.is_dir():
         best = path / "checkpoints" / "best.ckpt"
         if not best.is_file():
@@ -48,17 +60,14 @@ def find_checkpoint(run_or_ckpt: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the fine-tuned network from a checkpoint alone (no ImageNet download needed)."""
+    """Rebuild the fine-tuned network from a checkpoint alone (no ImageNet download needed),
+    or from an exported folder's ``model.safetensors`` (and the ``config.json`` beside it)."""
     path = Path(path)
-    checkpoint = read_checkpoint(path)  # weights_only=True; one-line errors for bad files
-    card = checkpoint.get(CARD_KEY)
-    if card is None:
-        raise UserError(f"{path}: not an inat-finetune checkpoint (no '{CARD_KEY}' description)")
+    if path.suffix == ".safetensors":
+        state, card = read_safetensors_folder(path.parent)
+    else:
+        state, card = read_lightning_checkpoint(path)
     built = get_model(card["backbone"], num_classes=len(card["class_names"]), weights=None)
-    prefix = "model."
-    state = {
-        k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)
-    }
     try:
         built.model.load_state_dict(state)
     except RuntimeError as exc:
@@ -67,6 +76,19 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
             f"{len(card['class_names'])} classes: {str(exc).splitlines()[0]}"
         ) from None
     return built.model.eval(), card
+
+
+def read_lightning_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The network's weights (without Lightning's ``model.`` prefix) and the card."""
+    checkpoint = read_checkpoint(path)  # weights_only=True; one-line errors for bad files
+    card = checkpoint.get(CARD_KEY)
+    if card is None:
+        raise UserError(f"{path}: not an inat-finetune checkpoint (no '{CARD_KEY}' description)")
+    prefix = "model."
+    state = {
+        k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)
+    }
+    return state, card
 
 
 def _remap_to_checkpoint_classes(split: DataSplit, class_names: list[str]) -> DataSplit:
