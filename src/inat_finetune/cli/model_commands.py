@@ -15,7 +15,7 @@ from rich.table import Table
 
 from inat_finetune.cli.app import console, out
 from inat_finetune.cli.options import field_option
-from inat_finetune.runfiles import check_output_dir, check_output_file
+from inat_finetune.runfiles import check_output_file
 
 RunOrCheckpoint = Annotated[Path, typer.Argument(help="a run directory or a .ckpt file")]
 
@@ -148,19 +148,37 @@ def predict(
 
 def export_model(
     run_or_ckpt: RunOrCheckpoint,
-    format: Annotated[str, typer.Option("--format", help="onnx or torchscript")] = "onnx",  # noqa: A002
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="onnx, torchscript, or safetensors (a folder: model.safetensors and config.json; "
+            "load() reads it, and timm.create_model('local-dir:FOLDER', pretrained=True) too for "
+            "timm backbones; torchvision backbones such as resnet50 and mobilenet_v2 load "
+            "through inat-finetune only)",
+        ),
+    ] = "onnx",  # noqa: A002
     output: Annotated[
         Path | None,
-        typer.Option("--output", help=escape("folder to write to [default: <run>/export]")),
+        typer.Option(
+            "--output",
+            help=escape(
+                "a folder [default: <run>/export], or for onnx/torchscript the .onnx/.pt file "
+                "itself (its preprocessing JSON beside it: model.onnx -> "
+                "model.preprocessing.json)"
+            ),
+        ),
     ] = None,
 ) -> None:
-    """Export for other runtimes (dynamic batch), with preprocessing.json beside the model."""
-    from inat_finetune.inference.export import export
+    """Export for other runtimes (dynamic batch), with the preprocessing JSON beside the model."""
+    from inat_finetune.inference.export import check_export_output, export
 
-    check_output_dir(output, "--output")
-    result = export(run_or_ckpt, format=format, out_dir=output)
-    out.print(f"wrote {result.model_path}", soft_wrap=True)
-    out.print(f"wrote {result.preprocessing_path}", soft_wrap=True)
+    check_export_output(output, format)
+    result = export(run_or_ckpt, format=format, output=output)
+    written = [result.model_path, result.config_path, result.preprocessing_path]
+    for path in written:
+        if path is not None:
+            out.print(f"wrote {path}", soft_wrap=True)
     out.print(f"checked against PyTorch: max abs difference on logits {result.max_abs_diff:.2e}")
 
 

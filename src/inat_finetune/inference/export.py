@@ -1,18 +1,38 @@
-"""Export a checkpoint for other runtimes: ONNX or TorchScript, plus ``preprocessing.json``.
+"""Export a checkpoint for other runtimes: ONNX, TorchScript or safetensors, plus
+``preprocessing.json``.
 
 The exported network takes a float32 batch ``images`` of shape (N, 3, H, W), N free, already
 preprocessed, and returns ``logits`` (N, classes). ``preprocessing.json`` beside it says how
 to get from a photo to that batch (resize, centre crop, scale to [0, 1], normalise) and what
 the outputs mean, so a program in any language can use the model without this package.
 
+Where it goes (``--output``, ``export_paths``): a folder gets ``model.onnx``/``model.pt``/
+``model.safetensors`` and ``preprocessing.json`` (default ``<run>/export``); a path ending in
+``.onnx`` or ``.pt`` is the model file itself, with ``<stem>.preprocessing.json`` beside it
+(``model.onnx`` and ``model.preprocessing.json``). A suffix of another format than
+``--format`` is refused before the checkpoint is read.
+
+- ONNX also carries, in its ``metadata_props``, ``class_names`` and ``preprocessing`` (JSON
+  strings), ``backbone`` and ``producer``: what onnxruntime's
+  ``get_modelmeta().custom_metadata_map`` answers.
+- safetensors is a folder: ``model.safetensors`` and ``config.json``
+  (models/safetensors_folder.py); ``load()``, ``predict``, ``evaluate`` and ``serve`` take it
+  as they take a run, and for a timm backbone it is written by timm's own ``save_for_hf``, so
+  ``timm.create_model("local-dir:FOLDER", pretrained=True)`` loads it. torchvision backbones
+  cannot be built by timm: their folder loads through this package only.
+
 Every export is run once against PyTorch on a random batch before it is written: a model
 file that is on disk computes what the checkpoint computes (max abs difference on logits at
-most ``TOLERANCE``), or there is no file.
+most ``TOLERANCE``), or there is no file. A safetensors folder is checked as it is read back:
+by this package's loader, and for timm backbones by timm's.
 """
 
 from __future__ import annotations
 
 import io
+import json
+import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +43,48 @@ from torch import nn
 
 from inat_finetune.errors import UserError
 from inat_finetune.inference.evaluation import find_checkpoint, load_checkpoint
-from inat_finetune.runfiles import atomic_write, write_json_atomic
+from inat_finetune.models.backbones import Preprocessing
+from inat_finetune.models.safetensors_folder import (
+    CONFIG_FILE,
+    CONFIG_KEY,
+    WEIGHTS_FILE,
+    package_section,
+    package_version,
+    timm_pretrained_cfg,
+)
+from inat_finetune.runfiles import (
+    atomic_write,
+    check_output_dir,
+    check_output_file,
+    write_json_atomic,
+)
 
-FORMATS = ("onnx", "torchscript")
+FORMATS = ("onnx", "torchscript", "safetensors")
 
 
-MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.pt"}
+MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.pt", "safetensors": WEIGHTS_FILE}
+
+
+# An --output ending in one of these names a file of that format, not a folder.
+SUFFIX_FORMATS = {".onnx": "onnx", ".pt": "torchscript", ".safetensors": "safetensors"}
+
+
+FILE_SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}  # the formats that can be one file
+
+
+# preprocessing.json's keys that the ONNX metadata's "preprocessing" entry repeats.
+ONNX_PREPROCESSING_KEYS = (
+    "input_name",
+    "output_name",
+    "input_shape",
+    "input_layout",
+    "input_size",
+    "resize_size",
+    "interpolation",
+    "mean",
+    "std",
+    "steps",
+)
 
 
 TOLERANCE = 1e-4
@@ -43,6 +99,14 @@ class ExportResult:
     model_path: Path
     preprocessing_path: Path
     max_abs_diff: float  # on logits of a random batch of 2, exported vs PyTorch
+    config_path: Path | None = None  # safetensors: config.json
+
+
+@dataclass(frozen=True)
+class ExportPaths:
+    model: Path
+    preprocessing: Path
+    config: Path | None  # safetensors only
 
 
 def default_output_dir(ckpt: Path) -> Path:
@@ -133,41 +197,196 @@ def _run_torchscript(data: bytes, batch: torch.Tensor) -> torch.Tensor:
         return loaded(batch)
 
 
-def export(
-    ckpt: str | Path,
-    format: str = "onnx",
-    out_dir: str | Path | None = None,
-) -> ExportResult:
-    """Write ``model.onnx`` or ``model.pt`` and ``preprocessing.json`` to ``out_dir``."""
-    if format not in FORMATS:
-        raise UserError(f"--format {format}: use one of {', '.join(FORMATS)}")
-    path = find_checkpoint(ckpt)
-    model, card = load_checkpoint(path)
-    model = model.float().eval()
-    size = int(card["preprocessing"]["crop_size"])
-    generator = torch.Generator().manual_seed(0)
-    example = torch.randn(2, 3, size, size, generator=generator)
-    check = torch.randn(2, 3, size, size, generator=generator)
-    with torch.inference_mode():
-        expected = model(check)
+def onnx_metadata(card: dict[str, Any]) -> dict[str, str]:
+    """The ONNX model's ``metadata_props``: what a runtime needs to feed it and read it."""
+    spec = preprocessing_spec(card, "onnx", MODEL_FILES["onnx"])
+    return {
+        "class_names": json.dumps(spec["class_names"]),
+        "preprocessing": json.dumps({key: spec[key] for key in ONNX_PREPROCESSING_KEYS}),
+        "backbone": str(card["backbone"]),
+        "producer": f"inat-finetune {package_version()}",
+    }
 
-    if format == "onnx":
-        data = _serialise_onnx(model, example)
-        got = _run_onnx(data, check)
-    else:
-        data = _serialise_torchscript(model, example)
-        got = _run_torchscript(data, check)
-    diff = float((got - expected).abs().max())
+
+def with_onnx_metadata(data: bytes, props: dict[str, str]) -> bytes:
+    """The serialised ONNX model with ``props`` as its ``metadata_props``."""
+    import onnx
+
+    model = onnx.load_from_string(data)
+    onnx.helper.set_model_props(model, props)
+    return model.SerializeToString()
+
+
+def check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt}: use one of {', '.join(FORMATS)}")
+
+
+def output_is_file(output: Path, fmt: str) -> bool:
+    """Whether ``--output`` names the model file itself (``.onnx``, ``.pt``) rather than a
+    folder; a suffix that belongs to another format than ``--format`` is refused."""
+    suffix = output.suffix.lower()
+    kind = SUFFIX_FORMATS.get(suffix)
+    if kind is None:
+        return False
+    if kind != fmt:
+        wanted = FILE_SUFFIXES.get(fmt)
+        instead = f"a {wanted} file or a folder" if wanted else "a folder"
+        raise UserError(
+            f"--output {output}: a {suffix} file is for --format {kind}, but --format is "
+            f"{fmt}; pass --format {kind}, or name {instead} as --output"
+        )
+    if fmt == "safetensors":
+        raise UserError(
+            f"--output {output}: --format safetensors writes a folder ({WEIGHTS_FILE} and "
+            f"{CONFIG_FILE}, the layout timm and Hugging Face load); name a folder, such as "
+            f"{output.with_suffix('')}"
+        )
+    return True
+
+
+def check_export_output(output: str | Path | None, fmt: str) -> None:
+    """Refuse, before any work, a ``--format`` or ``--output`` that cannot be written."""
+    check_format(fmt)
+    if output is None:
+        return
+    output = Path(output)
+    if not output_is_file(output, fmt):
+        check_output_dir(output, "--output")
+        return
+    if output.is_dir():
+        raise UserError(
+            f"--output {output}: is a folder, but a {output.suffix} path names the model file "
+            "itself; remove the folder, or name another file (or a folder without the suffix)"
+        )
+    check_output_file(output, "--output", output.name)
+
+
+def export_paths(output: str | Path | None, fmt: str, ckpt: Path) -> ExportPaths:
+    """Where the model, ``preprocessing.json`` and (safetensors) ``config.json`` go."""
+    check_export_output(output, fmt)
+    if output is not None and output_is_file(Path(output), fmt):
+        model = Path(output)
+        return ExportPaths(model, model.with_name(f"{model.stem}.preprocessing.json"), None)
+    folder = Path(output) if output is not None else default_output_dir(ckpt)
+    config = folder / CONFIG_FILE if fmt == "safetensors" else None
+    return ExportPaths(folder / MODEL_FILES[fmt], folder / "preprocessing.json", config)
+
+
+def is_timm_model(model: nn.Module) -> bool:
+    return type(model).__module__.startswith("timm.")
+
+
+def stage_safetensors(model: nn.Module, card: dict[str, Any], folder: Path) -> None:
+    """Write ``model.safetensors`` and ``config.json`` into ``folder`` (a scratch folder)."""
+    section = package_section(model, card)
+    if is_timm_model(model):
+        from timm.models import save_for_hf
+
+        pre = Preprocessing.from_dict(card["preprocessing"])
+        timm_config = {
+            "label_names": list(card["class_names"]),
+            "pretrained_cfg": timm_pretrained_cfg(pre),
+            CONFIG_KEY: section,
+        }
+        save_for_hf(model, str(folder), model_config=timm_config, safe_serialization=True)
+        return
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    (folder / CONFIG_FILE).write_text(json.dumps({CONFIG_KEY: section}, indent=2) + "\n")
+
+
+def read_back_logits(folder: Path, batch: torch.Tensor, timm_too: bool) -> list[torch.Tensor]:
+    """Logits of the folder's network as ``load()`` builds it (and timm, for timm backbones)."""
+    built, _ = load_checkpoint(folder / WEIGHTS_FILE)
+    models = [built]
+    if timm_too:
+        import timm
+
+        models.append(timm.create_model(f"local-dir:{folder}", pretrained=True))
+    with torch.inference_mode():
+        return [m.float().eval()(batch) for m in models]
+
+
+def serialise(model: nn.Module, card: dict[str, Any], fmt: str, check: torch.Tensor) -> bytes:
+    """The ONNX (with its metadata) or TorchScript file's bytes, traced on a batch like ``check``."""
+    example = torch.randn(check.shape, generator=torch.Generator().manual_seed(0))
+    if fmt == "onnx":
+        return with_onnx_metadata(_serialise_onnx(model, example), onnx_metadata(card))
+    return _serialise_torchscript(model, example)
+
+
+def refuse_if_different(diff: float, path: Path, fmt: str) -> None:
     if not diff <= TOLERANCE:  # also catches NaN
         raise UserError(
-            f"{path}: the {format} export computes different logits than PyTorch "
+            f"{path}: the {fmt} export computes different logits than PyTorch "
             f"(max abs difference {diff:.3g} > {TOLERANCE:g}); nothing was written. "
             "Try the other --format, or report the backbone as unsupported"
         )
 
-    out = Path(out_dir) if out_dir is not None else default_output_dir(path)
-    model_path = atomic_write(out / MODEL_FILES[format], lambda handle: handle.write(data))
-    spec = preprocessing_spec(card, format, model_path.name)
+
+def max_abs_diff(outputs: list[torch.Tensor], expected: torch.Tensor) -> float:
+    return max(float((got - expected).abs().max()) for got in outputs)
+
+
+def write_safetensors(
+    model: nn.Module,
+    card: dict[str, Any],
+    target: ExportPaths,
+    check: tuple[torch.Tensor, torch.Tensor],
+    ckpt: Path,
+) -> float:
+    """Stage the folder, read it back, and only if it computes ``check``'s logits (a batch and
+    the checkpoint's logits on it) copy its two files into place; the max abs difference."""
+    assert target.config is not None
+    batch, expected = check
+    with tempfile.TemporaryDirectory(prefix="inat-finetune-export-") as scratch:
+        staged = Path(scratch)
+        stage_safetensors(model, card, staged)
+        diff = max_abs_diff(read_back_logits(staged, batch, is_timm_model(model)), expected)
+        refuse_if_different(diff, ckpt, "safetensors")
+        for name, place in ((WEIGHTS_FILE, target.model), (CONFIG_FILE, target.config)):
+            with (staged / name).open("rb") as source:
+                atomic_write(place, lambda handle, src=source: shutil.copyfileobj(src, handle))
+    return diff
+
+
+def export(
+    ckpt: str | Path,
+    format: str = "onnx",
+    output: str | Path | None = None,
+    *,
+    out_dir: str | Path | None = None,
+) -> ExportResult:
+    """Write the model and ``preprocessing.json`` to ``output``: a folder (default
+    ``<run>/export``), or for ONNX and TorchScript a ``.onnx``/``.pt`` file path.
+
+    ``out_dir`` is the earlier name of ``output``, still accepted.
+    """
+    output = output if output is not None else out_dir
+    check_export_output(output, format)
+    path = find_checkpoint(ckpt)
+    model, card = load_checkpoint(path)
+    model = model.float().eval()
+    target = export_paths(output, format, path)
+    size = int(card["preprocessing"]["crop_size"])
+    generator = torch.Generator().manual_seed(1)
+    check = torch.randn(2, 3, size, size, generator=generator)
+    with torch.inference_mode():
+        expected = model(check)
+
+    if format == "safetensors":
+        diff = write_safetensors(model, card, target, (check, expected), path)
+    else:
+        data = serialise(model, card, format, check)
+        run = _run_onnx if format == "onnx" else _run_torchscript
+        diff = max_abs_diff([run(data, check)], expected)
+        refuse_if_different(diff, path, format)
+        atomic_write(target.model, lambda handle: handle.write(data))
+
+    spec = preprocessing_spec(card, format, target.model.name)
     spec["max_abs_diff_vs_pytorch"] = diff
-    pre_path = write_json_atomic(out / "preprocessing.json", spec)
-    return ExportResult(format, model_path, pre_path, diff)
+    write_json_atomic(target.preprocessing, spec)
+    return ExportResult(format, target.model, target.preprocessing, diff, target.config)
