@@ -170,3 +170,196 @@ def test_cli_export_writes_the_model_and_reports_the_check(
     bad = CliRunner().invoke(app, ["export", str(checkpoints["mobilenet_v2"]), "--format", "tf"])
     assert bad.exit_code == 2
     assert "--format tf: use one of onnx, torchscript" in bad.output
+
+
+# ---------------------------------------------------------------------------------------------
+# Interoperable exports: a file as --output, ONNX metadata, safetensors for load() and timm
+
+
+@pytest.fixture(scope="module")
+def lite0_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real 1-epoch run of timm's tf_efficientnet_lite0 (offline weights) at 64 px."""
+    from conftest import TINY_TRAIN, make_class_folders
+
+    from inat_finetune.training.config import load_config
+    from inat_finetune.training.run import train
+
+    base = tmp_path_factory.mktemp("lite0_run")
+    for split, count, seed in (("train", 4, 1), ("val", 2, 2), ("test", 2, 3)):
+        make_class_folders(base / "data" / split, dict.fromkeys(CLASSES, count), seed=seed)
+    options = {**TINY_TRAIN, "backbone": "tf_efficientnet_lite0", "img_size": 64}
+    config = load_config(None, data=str(base / "data"), output=str(base / "runs"), **options)
+    return Path(train(config, progress=False, report=False).run_dir)
+
+
+def test_onnx_file_output_carries_class_names_and_preprocessing(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    target = tmp_path / "model.onnx"
+    result = export(checkpoints["mobilenet_v2"], format="onnx", output=target)
+    assert result.model_path == target and target.is_file()  # the file itself, not a folder
+    assert result.preprocessing_path == tmp_path / "model.preprocessing.json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.preprocessing.json"]
+    spec = json.loads(result.preprocessing_path.read_text())
+    assert spec["model_file"] == "model.onnx"
+
+    # What any ONNX runtime reads back from the model file alone.
+    meta = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+    found = meta.get_modelmeta().custom_metadata_map
+    assert json.loads(found["class_names"]) == CLASSES
+    pre = json.loads(found["preprocessing"])
+    assert pre["input_size"] == IMG_SIZE and pre["resize_size"] == 37
+    assert pre["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    assert pre["std"] == pytest.approx([0.229, 0.224, 0.225])
+    assert pre["interpolation"] == "bilinear" and pre["input_name"] == "images"
+    assert found["backbone"] == "mobilenet_v2"
+    props = {p.key: p.value for p in onnx.load(str(target)).metadata_props}
+    assert props == found
+
+    model, _ = load_checkpoint(checkpoints["mobilenet_v2"])
+    batch = torch.randn(3, 3, IMG_SIZE, IMG_SIZE, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        expected = model(batch)
+    assert float((run_exported("onnx", target, batch) - expected).abs().max()) < TOLERANCE
+
+
+def test_torchscript_file_output(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    target = tmp_path / "nested" / "classifier.pt"
+    result = export(checkpoints["mobilenet_v2"], format="torchscript", output=target)
+    assert result.model_path == target and target.is_file()
+    assert result.preprocessing_path == target.with_name("classifier.preprocessing.json")
+    model, _ = load_checkpoint(checkpoints["mobilenet_v2"])
+    batch = torch.randn(2, 3, IMG_SIZE, IMG_SIZE, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        expected = model(batch)
+    assert float((run_exported("torchscript", target, batch) - expected).abs().max()) < TOLERANCE
+
+
+@pytest.mark.parametrize(
+    ("fmt", "name", "message"),
+    [
+        ("onnx", "model.pt", "a .pt file is for --format torchscript, but --format is onnx"),
+        (
+            "torchscript",
+            "model.onnx",
+            "a .onnx file is for --format onnx, but --format is torchscript",
+        ),
+        (
+            "safetensors",
+            "model.onnx",
+            "but --format is safetensors; pass --format onnx, or name a folder",
+        ),
+        ("safetensors", "model.safetensors", "--format safetensors writes a folder"),
+        ("onnx", "old.onnx/", "is a folder, but a .onnx path names the model file itself"),
+    ],
+)
+def test_output_that_does_not_fit_the_format_is_refused_before_the_work(
+    checkpoints: dict[str, Path], tmp_path: Path, fmt: str, name: str, message: str
+) -> None:
+    from typer.testing import CliRunner
+
+    from inat_finetune.cli.main import app
+
+    target = tmp_path / name.rstrip("/")
+    if name.endswith("/"):
+        target.mkdir()  # an earlier export's folder named like a file
+    with pytest.raises(UserError, match=message.replace(".", r"\.")):
+        export(checkpoints["mobilenet_v2"], format=fmt, output=target)
+    args = ["export", str(checkpoints["mobilenet_v2"]), "--format", fmt, "--output", str(target)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and message in " ".join(result.output.split())
+    assert f"--output {target}" in " ".join(result.output.split())
+    assert not target.exists() or list(target.iterdir()) == []  # nothing was written
+
+
+def test_safetensors_folder_loads_with_load_and_gives_the_checkpoints_logits(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    from inat_finetune import load
+
+    ckpt = checkpoints["mobilenet_v2"]  # torchvision: this package's section only
+    result = export(ckpt, format="safetensors", output=tmp_path / "st")
+    assert result.model_path == tmp_path / "st" / "model.safetensors"
+    assert result.config_path == tmp_path / "st" / "config.json"
+    assert result.max_abs_diff == 0.0  # the same float32 tensors, the same network
+    config = json.loads(result.config_path.read_text())
+    assert "architecture" not in config  # timm cannot build torchvision's mobilenet_v2
+    section = config["inat_finetune"]
+    assert section["backbone"] == "mobilenet_v2" and section["class_names"] == CLASSES
+    assert section["preprocessing"]["crop_size"] == IMG_SIZE
+    assert section["head_layer"] == {
+        "module": "classifier.1",
+        "type": "Linear",
+        "in_features": 1280,
+        "out_features": len(CLASSES),
+    }
+    assert section["version"]
+
+    from_folder, from_ckpt = load(tmp_path / "st", device="cpu"), load(ckpt, device="cpu")
+    assert from_folder.class_names == CLASSES
+    assert from_folder.preprocessing == from_ckpt.preprocessing
+    images = [write_image_file(tmp_path / f"{i}.png", i) for i in range(3)]
+    batch = torch.stack([from_ckpt.load(p) for p in images])
+    assert torch.equal(from_folder.logits(batch), from_ckpt.logits(batch))
+    assert from_folder.predict(images, top_k=2) == from_ckpt.predict(images, top_k=2)
+
+
+def write_image_file(path: Path, seed: int) -> Path:
+    from conftest import write_image
+
+    return write_image(path, seed=seed, size=(70, 60))
+
+
+def test_safetensors_of_a_timm_backbone_loads_in_timm_itself(
+    lite0_run: Path, tmp_path: Path
+) -> None:
+    import timm
+    from timm.data import create_transform, resolve_model_data_config
+
+    from inat_finetune import load
+
+    folder = tmp_path / "lite0"
+    result = export(lite0_run, format="safetensors", output=folder)
+    theirs = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    ours, card = load_checkpoint(lite0_run / "checkpoints" / "best.ckpt")
+    batch = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        expected, got = ours(batch), theirs(batch)
+    assert float(expected.std(dim=0).max()) > 1e-4  # the images give different logits
+    assert float((got - expected).abs().max()) < TOLERANCE
+    assert result.max_abs_diff < TOLERANCE
+    assert theirs.pretrained_cfg["label_names"] == card["class_names"] == CLASSES
+
+    # timm's own preprocessing from the folder is the card's: 73 px shorter side, 64 px crop.
+    data_config = resolve_model_data_config(theirs)
+    assert data_config["input_size"] == (3, 64, 64)
+    assert data_config["mean"] == pytest.approx(card["preprocessing"]["mean"])
+    assert data_config["interpolation"] == card["preprocessing"]["interpolation"] == "bicubic"
+    resize = create_transform(**data_config).transforms[0]
+    assert resize.size == card["preprocessing"]["resize_size"] == 73
+
+    # And load() reads the same folder, with the run checkpoint's logits.
+    predictor = load(folder, device="cpu")
+    from_run = load(lite0_run, device="cpu")
+    assert torch.equal(predictor.logits(batch), from_run.logits(batch))
+
+
+def test_cli_exports_safetensors_and_predicts_from_the_folder(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from inat_finetune.cli.main import app
+
+    folder = tmp_path / "st"
+    args = ["export", str(checkpoints["mobilenet_v2"]), "--format", "safetensors"]
+    result = CliRunner().invoke(app, [*args, "--output", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {folder / 'config.json'}" in result.output
+    image = write_image_file(tmp_path / "photo.png", 7)
+    predicted = CliRunner().invoke(app, ["predict", str(folder), str(image), "--top-k", "1"])
+    assert predicted.exit_code == 0, predicted.output
+    assert "Predictions (1 images)" in predicted.output
