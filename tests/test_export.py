@@ -363,3 +363,57 @@ def test_cli_exports_safetensors_and_predicts_from_the_folder(
     predicted = CliRunner().invoke(app, ["predict", str(folder), str(image), "--top-k", "1"])
     assert predicted.exit_code == 0, predicted.output
     assert "Predictions (1 images)" in predicted.output
+
+
+@pytest.mark.parametrize(("crop", "resize"), [(64, 73), (14, 25), (224, 256), (23, 41)])
+def test_timm_reads_the_cards_resize_from_crop_pct(crop: int, resize: int) -> None:
+    from timm.data import create_transform
+
+    from inat_finetune.models.backbones import Preprocessing
+    from inat_finetune.models.safetensors_folder import timm_pretrained_cfg
+
+    cfg = timm_pretrained_cfg(Preprocessing(crop, resize, (0.5,) * 3, (0.5,) * 3, "bicubic"))
+    transform = create_transform(
+        input_size=cfg["input_size"],
+        crop_pct=cfg["crop_pct"],
+        interpolation=cfg["interpolation"],
+        crop_mode=cfg["crop_mode"],
+    )
+    assert transform.transforms[0].size == resize  # 14/25 and 23/41 need the nudge
+    assert transform.transforms[1].size == (crop, crop)
+
+
+def test_a_safetensors_folder_that_reads_back_differently_is_not_written(
+    checkpoints: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+
+    # The module, not the package's re-exported function of the same name.
+    exporting = importlib.import_module("inat_finetune.inference.export")
+
+    def off_by_one(folder: Path, batch: torch.Tensor, timm_too: bool) -> list[torch.Tensor]:
+        return [torch.ones(batch.shape[0], len(CLASSES))]
+
+    monkeypatch.setattr(exporting, "read_back_logits", off_by_one)
+    with pytest.raises(UserError, match="the safetensors export computes different logits"):
+        export(checkpoints["mobilenet_v2"], format="safetensors", output=tmp_path / "st")
+    assert not (tmp_path / "st").exists()
+
+
+def test_a_bad_safetensors_folder_is_one_line_naming_the_file(tmp_path: Path) -> None:
+    from inat_finetune import load
+
+    folder = tmp_path / "st"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    (folder / "config.json").write_text('{"architecture": "resnet50"}')
+    with pytest.raises(UserError, match=r"config\.json: not an inat-finetune export"):
+        load(folder, device="cpu")
+    (folder / "config.json").write_text(
+        json.dumps(
+            {"inat_finetune": {"backbone": "resnet50", "class_names": CLASSES, "preprocessing": {}}}
+        )
+    )
+    (folder / "model.safetensors").write_bytes(b"truncated")
+    with pytest.raises(UserError, match=r"model\.safetensors: not a readable safetensors file"):
+        load(folder, device="cpu")
