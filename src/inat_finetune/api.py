@@ -105,7 +105,10 @@ def compare(
 
 def load(checkpoint_or_run_dir: str | Path, device: str | None = None) -> Predictor:
     """A ready predictor: the model in eval mode on ``device`` (default: CUDA when there is one,
-    else the CPU), its ``class_names``, ``preprocessing``, and ``predict(images, top_k=1)``."""
+    else the CPU), its ``class_names``, ``preprocessing``, and ``predict(images, top_k=1)``.
+
+    Takes a run directory, a ``.ckpt`` file, or a folder ``export --format safetensors`` wrote
+    (``model.safetensors`` and ``config.json``): the same weights give the same logits."""
     import torch
 
     from inat_finetune.inference.predict import Predictor

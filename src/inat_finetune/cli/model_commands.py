@@ -17,7 +17,12 @@ from inat_finetune.cli.app import console, out
 from inat_finetune.cli.options import field_option
 from inat_finetune.runfiles import check_output_file
 
-RunOrCheckpoint = Annotated[Path, typer.Argument(help="a run directory or a .ckpt file")]
+RunOrCheckpoint = Annotated[
+    Path,
+    typer.Argument(
+        help="a run directory, a .ckpt file, or a folder from export --format safetensors"
+    ),
+]
 
 
 DataOpt = field_option("data")

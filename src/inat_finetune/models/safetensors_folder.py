@@ -67,12 +67,13 @@ def head_layer(model: nn.Module, head: str) -> dict[str, Any]:
 
 
 def package_section(model: nn.Module, card: dict[str, Any]) -> dict[str, Any]:
-    """``config.json``'s ``CONFIG_KEY`` section: the card, the head layer, the version."""
-    return {
-        **card,
-        "head_layer": head_layer(model, card["head"]),
-        "version": package_version(),
-    }
+    """``config.json``'s ``CONFIG_KEY`` section: the card, the head layer (where the card names
+    one module as the head), the version."""
+    section = {**card, "version": package_version()}
+    head = card.get("head")
+    if isinstance(head, str) and head in dict(model.named_modules()):
+        section["head_layer"] = head_layer(model, head)
+    return section
 
 
 def timm_pretrained_cfg(preprocessing: Preprocessing) -> dict[str, Any]:
