@@ -94,7 +94,12 @@ class TrainConfig(BaseModel):
         None, description="run directory name", json_schema_extra={UNSET: "backbone-strategy"}
     )
 
-    backbone: str = Field("resnet50", description="torchvision or timm model name", **COMPARE)
+    backbone: str = Field(
+        "resnet50",
+        description="torchvision or timm model name; a,b: a feature ensemble of frozen "
+        "backbones (with --strategy freeze_last)",
+        **COMPARE,
+    )
     weights: str = Field(
         "DEFAULT", description="weights name (IMAGENET1K_V1), file path, or 'none'", **COMPARE
     )
