@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_TRAIN, make_class_folders
+from conftest import HYMENOPTERA, TINY_TRAIN, make_class_folders, require_shared
 
 from inat_finetune.api import load
 from inat_finetune.errors import UserError
@@ -197,3 +197,19 @@ def test_malformed_ensemble_names_are_one_line(name: str) -> None:
 def test_members_need_a_linear_classifier() -> None:
     with pytest.raises(UserError, match="--backbone squeezenet1_0: its classifier"):
         get_model("mobilenet_v2,squeezenet1_0", num_classes=2, weights="none")
+
+
+@pytest.mark.parametrize("lite", ["tf_efficientnet_lite1", "tf_efficientnet_lite2"])
+def test_packaged_efficientnet_lite_weights_load_offline_and_see_a_bee(lite: str) -> None:
+    from inat_finetune.inference.predict import Predictor
+    from inat_finetune.models.backbones import PACKAGED_TIMM_FILES
+
+    package = PACKAGED_TIMM_FILES[lite][0]
+    pytest.importorskip(package)
+    built = get_model(lite)
+    assert built.weights == package
+    photo = sorted((require_shared(HYMENOPTERA) / "val" / "bees").iterdir())[1]
+    card = {"class_names": built.imagenet_categories}
+    card["preprocessing"] = built.preprocessing.to_dict()
+    predictor = Predictor(built.model, card)
+    assert predictor.predict(photo)[0][0][0] == "bee"  # ImageNet class 309
