@@ -119,7 +119,7 @@ def preprocessing_spec(card: dict[str, Any], fmt: str, model_file: str) -> dict[
     """Everything another runtime needs to feed the exported model and read its output."""
     pre = card["preprocessing"]
     size = int(pre["crop_size"])
-    return {
+    spec = {
         "format": fmt,
         "model_file": model_file,
         "backbone": card["backbone"],
@@ -143,6 +143,10 @@ def preprocessing_spec(card: dict[str, Any], fmt: str, model_file: str) -> dict[
         ],
         "output": "logits, shape [batch, len(class_names)]; softmax gives probabilities",
     }
+    if "members" in card:  # a feature ensemble (models/ensembles.py): normalised inside
+        spec["members"] = card["members"]
+        spec["steps"].append("(mean 0, std 1: each member normalises inside the model)")
+    return spec
 
 
 def _serialise_onnx(model: nn.Module, example: torch.Tensor) -> bytes:

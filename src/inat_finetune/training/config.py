@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from inat_finetune.errors import UserError
+from inat_finetune.models.ensembles import is_ensemble, member_names
 from inat_finetune.models.freezing import STRATEGIES
 
 STAGED = "staged"  # the strategy of a run whose stage schedule decides what trains
@@ -93,7 +94,12 @@ class TrainConfig(BaseModel):
         None, description="run directory name", json_schema_extra={UNSET: "backbone-strategy"}
     )
 
-    backbone: str = Field("resnet50", description="torchvision or timm model name", **COMPARE)
+    backbone: str = Field(
+        "resnet50",
+        description="torchvision or timm model name; a,b: a feature ensemble of frozen "
+        "backbones (with --strategy freeze_last)",
+        **COMPARE,
+    )
     weights: str = Field(
         "DEFAULT", description="weights name (IMAGENET1K_V1), file path, or 'none'", **COMPARE
     )
@@ -369,6 +375,13 @@ class TrainConfig(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _ensemble_trains_its_head_only(self) -> TrainConfig:
+        why = why_not_for_an_ensemble(self)
+        if why is not None:
+            raise ValueError(why)
+        return self
+
     def stage_schedule(self) -> list[tuple[int, str]] | None:
         """What trains from which epoch, when a stage schedule decides it; else None."""
         from inat_finetune.models.stages import ALL, HEAD, parse_schedule
@@ -389,6 +402,31 @@ class TrainConfig(BaseModel):
 
     def to_yaml_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def why_not_for_an_ensemble(config: TrainConfig) -> str | None:
+    """What an ensemble (``--backbone a,b``, ``models/ensembles.py``) cannot do in this run:
+    its members are frozen with their own weights, so only the head can train."""
+    if not is_ensemble(config.backbone):
+        return None
+    member_names(config.backbone)  # a UserError for a malformed list
+    ensemble = f"--backbone {config.backbone} is a feature ensemble of frozen backbones"
+    if config.strategy == STAGED:
+        return (
+            f"{ensemble}, which no stage schedule can unfreeze; drop --train-from, "
+            "--lp-epochs and --unfreeze-schedule (--recipe strong sets them) and use "
+            "--strategy freeze_last"
+        )
+    if config.strategy != "freeze_last":
+        return (
+            f"{ensemble}: only its head trains; use --strategy freeze_last "
+            f"instead of --strategy {config.strategy}"
+        )
+    if config.frozen_bn != "eval":
+        return f"{ensemble}, which keeps its ImageNet BatchNorm statistics; use --frozen-bn eval"
+    if config.weights not in ("DEFAULT", "none"):
+        return f"{ensemble}, each with its default ImageNet weights; drop --weights"
+    return None
 
 
 def explain_validation_error(error: ValidationError, source: str) -> str:

@@ -183,7 +183,7 @@ def open_run_directory(
 def model_card(
     config: TrainConfig, split: DataSplit, built: Any, preprocessing: Any, summary: FreezeSummary
 ) -> dict[str, Any]:
-    return {
+    card = {
         "backbone": config.backbone,
         "source_weights": built.weights,
         "class_names": split.classes,
@@ -195,6 +195,9 @@ def model_card(
         "trainable_params": summary.trainable_params,
         "total_params": summary.total_params,
     }
+    if built.members is not None:  # a feature ensemble: which members, normalised how
+        card["members"] = built.members
+    return card
 
 
 def decide_batch_and_lr(config: TrainConfig, world: World) -> BatchAndLr:
