@@ -24,6 +24,7 @@ from torch import nn
 from inat_finetune.errors import UserError
 from inat_finetune.inference.evaluation import find_checkpoint, load_checkpoint
 from inat_finetune.runfiles import atomic_write, write_json_atomic
+from inat_finetune.runtime.extras import require_extra
 
 FORMATS = ("onnx", "torchscript")
 
@@ -141,6 +142,8 @@ def export(
     """Write ``model.onnx`` or ``model.pt`` and ``preprocessing.json`` to ``out_dir``."""
     if format not in FORMATS:
         raise UserError(f"--format {format}: use one of {', '.join(FORMATS)}")
+    if format == "onnx":
+        require_extra("export", "export --format onnx")
     path = find_checkpoint(ckpt)
     model, card = load_checkpoint(path)
     model = model.float().eval()
