@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 import typer
@@ -129,10 +130,10 @@ def test_every_command_s_help_and_the_core_packages_need_no_extra():
     assert set(result.stdout.split()) == set(typer.main.get_command(app).commands)
 
 
-def declared_extras() -> dict[str, list[str]]:
-    tomllib = pytest.importorskip("tomllib")
+def project_table() -> dict[str, Any]:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     with (ROOT / "pyproject.toml").open("rb") as handle:
-        return tomllib.load(handle)["project"]["optional-dependencies"]
+        return tomllib.load(handle)["project"]
 
 
 def requirement_name(requirement: str) -> str:
@@ -140,16 +141,15 @@ def requirement_name(requirement: str) -> str:
 
 
 def test_pyproject_declares_each_extra_and_the_core_install_has_none():
-    extras = declared_extras()
+    project = project_table()
+    extras = project["optional-dependencies"]
     distribution = {"python_multipart": "python-multipart"}
     for extra, modules in EXTRAS.items():
         names = {requirement_name(r) for r in extras[extra]}
         assert {distribution.get(m, m) for m in modules} <= names, extra
         assert all(">=" in r for r in extras[extra]), f"[{extra}] without floors"
     assert extras["all"] == [f"inat-finetune[{','.join(EXTRAS)}]"]
-    tomllib = pytest.importorskip("tomllib")
-    with (ROOT / "pyproject.toml").open("rb") as handle:
-        core = {requirement_name(r) for r in tomllib.load(handle)["project"]["dependencies"]}
+    core = {requirement_name(r) for r in project["dependencies"]}
     optional = {requirement_name(r) for extra in EXTRAS for r in extras[extra]}
     assert not core & optional, core & optional
     assert install_hint("serve") == "pip install 'inat-finetune[serve]'"
