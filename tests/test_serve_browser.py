@@ -37,8 +37,9 @@ from inat_finetune.inference.serve import create_app, is_loopback
 from inat_finetune.models.backbones import get_model
 from inat_finetune.models.checkpoints import CARD_KEY
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
+CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")
+CHROMEDRIVER = Path(shutil.which("chromedriver") or "/usr/bin/chromedriver")
+ENSURE_BROWSER = Path(__file__).resolve().parents[1] / "scripts" / "ensure_browser.sh"
 SCREENSHOT_COPY = Path("/tmp/serve_screenshot.png")
 # Our class name -> the ImageNet category whose head row it takes.
 INSECTS = {
@@ -406,9 +407,12 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
-    for binary in (CHROMIUM, CHROMEDRIVER):
-        if not binary.is_file():
-            pytest.fail(f"{binary} is missing: apt-get install -y chromium chromium-driver")
+    # `make test` installs them (scripts/ensure_browser.sh); where it could not, the same line.
+    check = subprocess.run(
+        ["bash", str(ENSURE_BROWSER), "--check"], capture_output=True, text=True, check=False
+    )
+    if check.returncode != 0:
+        pytest.fail(check.stdout.strip(), pytrace=False)
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for flag in (

@@ -15,6 +15,7 @@ import click
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from inat_finetune.errors import (
     NO_SPACE,
@@ -64,7 +65,7 @@ class Commands(typer.core.TyperGroup):
             if ctx.params.get("verbose"):
                 raise
             console.print(
-                f"[bold red]error:[/] unexpected {type(exc).__name__}: {one_line(str(exc))} "
+                f"[bold red]error:[/] unexpected {type(exc).__name__}: {escape(one_line(str(exc)))} "
                 "(this is a bug or an unhandled case; rerun with -v for the full traceback)",
                 highlight=False,
                 soft_wrap=True,
@@ -82,8 +83,13 @@ def _out_of_space(exc: BaseException) -> str | None:
 
 
 def fail(message: str) -> None:
-    """Print ``error: <message>`` on one line and exit with status 2 (a usage problem)."""
-    console.print(f"[bold red]error:[/] {one_line(message)}", highlight=False, soft_wrap=True)
+    """Print ``error: <message>`` on one line and exit with status 2 (a usage problem).
+
+    The message is text, not markup: ``pip install 'inat-finetune[serve]'`` keeps its brackets.
+    """
+    console.print(
+        f"[bold red]error:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True
+    )
     raise typer.Exit(code=2)
 
 

@@ -16,6 +16,7 @@ from rich.table import Table
 from inat_finetune.cli.app import console, out
 from inat_finetune.cli.options import field_option
 from inat_finetune.runfiles import check_output_file
+from inat_finetune.runtime.extras import require_extra
 
 RunOrCheckpoint = Annotated[
     Path,
@@ -201,6 +202,7 @@ def serve(
     ] = 40.0,
 ) -> None:
     """A web page to try the model on a photo (upload or drop), and a JSON API at /api/predict."""
+    require_extra("serve", "serve")
     from inat_finetune.inference.serve import bind, create_app, is_loopback, run_server
 
     # Bound before the checkpoint loads and before "serving on" is printed: an invalid or

@@ -18,6 +18,7 @@ from inat_finetune.cli.app import out
 from inat_finetune.cli.options import COMPARE, TRAIN, config_from, config_options, field_option
 from inat_finetune.errors import UserError
 from inat_finetune.runfiles import check_output_dir, check_output_file
+from inat_finetune.runtime.extras import require_extra
 
 RESULT_ROWS = (
     "backbone",
@@ -278,6 +279,7 @@ def sweep(
     ] = True,
 ) -> None:
     """Search hyper-parameters with Optuna; run the same command on more workers to share it."""
+    require_extra("sweep", "sweep")
     from inat_finetune.experiments.sweep import export_wandb as write_wandb
     from inat_finetune.experiments.sweep import run_sweep
 

@@ -1,13 +1,15 @@
-"""Using a trained model: evaluation, prediction, export and the web server."""
+"""Using a trained model: evaluation, prediction and export.
+
+The web server (``inference.serve``) is imported from its module, not from here: it needs the
+'serve' extra (FastAPI), and importing this package must not (runtime/extras.py).
+"""
 
 from inat_finetune.inference.evaluation import evaluate, find_checkpoint, load_checkpoint
 from inat_finetune.inference.export import export
 from inat_finetune.inference.predict import Predictor, predict_paths
-from inat_finetune.inference.serve import create_app
 
 __all__ = [
     "Predictor",
-    "create_app",
     "evaluate",
     "export",
     "find_checkpoint",

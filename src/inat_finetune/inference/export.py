@@ -58,6 +58,7 @@ from inat_finetune.runfiles import (
     check_output_file,
     write_json_atomic,
 )
+from inat_finetune.runtime.extras import require_extra
 
 FORMATS = ("onnx", "torchscript", "safetensors")
 
@@ -371,6 +372,8 @@ def export(
     """
     output = output if output is not None else out_dir
     check_export_output(output, format)
+    if format == "onnx":
+        require_extra("export", "export --format onnx")
     path = find_checkpoint(ckpt)
     model, card = load_checkpoint(path)
     model = model.float().eval()

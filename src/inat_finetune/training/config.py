@@ -225,6 +225,21 @@ class TrainConfig(BaseModel):
         False, description="log to Weights & Biases (WANDB_MODE=offline works)", **COMPARE
     )
     wandb_project: str = Field("inat-finetune", description="W&B project", **COMPARE)
+    wandb_entity: str | None = Field(
+        None,
+        description="W&B entity: the team or user the run belongs to",
+        json_schema_extra={COMPARE_KEY: True, UNSET: "your W&B default"},
+    )
+    wandb_tags: list[str] | None = Field(
+        None,
+        description="W&B run tags: repeat the option or separate with commas",
+        json_schema_extra={COMPARE_KEY: True, UNSET: "none"},
+    )
+    wandb_log_model: bool = Field(
+        False,
+        description="log best.ckpt to W&B as a model artifact when the run ends",
+        **COMPARE,
+    )
     wandb_group: str | None = Field(
         None,
         description="W&B group (compare sets one per comparison)",
@@ -332,6 +347,17 @@ class TrainConfig(BaseModel):
     def _known_strategy(cls, value: str) -> str:
         if value not in STRATEGIES and value != STAGED:
             raise ValueError(f"unknown strategy '{value}'; use one of {', '.join(STRATEGIES)}")
+        return value
+
+    @field_validator("wandb_tags", mode="before")
+    @classmethod
+    def _tags_split_at_commas(cls, value: Any) -> Any:
+        """``--wandb-tags a,b --wandb-tags c`` and ``wandb_tags: a,b`` are ``[a, b, c]``."""
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            tags = [t.strip() for v in value for t in v.split(",") if t.strip()]
+            return tags or None
         return value
 
     @field_validator("unfreeze_schedule")

@@ -31,6 +31,8 @@ def build_loggers(config: TrainConfig, run_dir: Path) -> list[Logger]:
             WandbLogger(
                 **resumed_wandb_run(run_dir),
                 project=config.wandb_project,
+                entity=config.wandb_entity,
+                tags=config.wandb_tags,
                 name=run_dir.name,
                 save_dir=str(run_dir),
                 group=config.wandb_group,

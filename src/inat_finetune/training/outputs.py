@@ -5,7 +5,10 @@
 * ``write_lr_find``: ``lr_find.json`` and ``figures/lr_find.png`` of a range test; with
   ``--lr-find-apply`` also config.yaml with the lr the run then trains with.
 * ``write_outputs``: on rank 0 after the test, test_predictions.csv, results.json, the
-  figures and report.html (unless ``report=False``) and the final W&B summary.
+  figures and report.html (unless ``report=False``) and the final W&B summary: test metrics,
+  figures, the predictions table, W&B's own confusion-matrix chart and, with
+  ``--wandb-log-model``, best.ckpt as a model artifact (``model-<run id>``, aliases best and
+  latest, with the backbone, classes and accuracies as its metadata).
 * ``write_figures_and_report``: the figures and report.html of a run or of a comparison
   directory. ``train`` and ``compare`` both write their report through it.
 
@@ -64,14 +67,17 @@ def write_outputs(
     probabilities: torch.Tensor,
     loggers: list[Logger],
     report: bool,
+    log_model: bool = False,
 ) -> None:
-    """Rank 0's files after the test: predictions, results, figures and report, W&B summary."""
+    """Rank 0's files after the test: predictions, results, figures and report, W&B summary
+    (with the best checkpoint as a model artifact when ``log_model``)."""
     write_predictions(run_dir / "test_predictions.csv", split, probabilities)
     write_json_atomic(run_dir / "results.json", results)
     figures = write_figures_and_report(run_dir) if report else {}
     for logger in loggers:
         if isinstance(logger, WandbLogger):
-            log_final_to_wandb(logger, results, figures, run_dir / "test_predictions.csv")
+            best = run_dir / results["checkpoint"] if log_model else None
+            log_final_to_wandb(logger, results, figures, run_dir / "test_predictions.csv", best)
 
 
 def write_figures_and_report(directory: Path) -> dict[str, Path]:
@@ -92,9 +98,14 @@ def write_figures_and_report(directory: Path) -> dict[str, Path]:
 
 
 def log_final_to_wandb(
-    logger: WandbLogger, results: dict[str, Any], figures: dict[str, Path], predictions: Path
+    logger: WandbLogger,
+    results: dict[str, Any],
+    figures: dict[str, Path],
+    predictions: Path,
+    best_checkpoint: Path | None = None,
 ) -> None:
-    """Final test metrics in the run summary; figures as images; predictions as a table."""
+    """Final test metrics in the run summary; figures as images; predictions as a table; the
+    confusion matrix as W&B's chart; ``best_checkpoint`` (if given) as a model artifact."""
     import wandb
 
     run = logger.experiment
@@ -115,20 +126,47 @@ def log_final_to_wandb(
         rows = list(csv.reader(handle))
     if rows:
         run.log({"test_predictions": wandb.Table(columns=rows[0], data=rows[1:])})
-    run.log(
-        {
-            "confusion_matrix": wandb.Table(
-                columns=["true", *results["class_names"]],
-                data=[
-                    [name, *counts]
-                    for name, counts in zip(
-                        results["class_names"], results["confusion_matrix"], strict=True
-                    )
-                ],
-            )
-        }
-    )
+    run.log({"confusion_matrix": confusion_chart(results)})
+    if best_checkpoint is not None:
+        run.log_artifact(
+            model_artifact(run.id, results, best_checkpoint), aliases=["best", "latest"]
+        )
     run.finish()
+
+
+def confusion_chart(results: dict[str, Any]) -> Any:
+    """``wandb.plot.confusion_matrix`` of the test set, from results.json's counts.
+
+    W&B's chart takes one (true, predicted) pair per image, so the counts are expanded back
+    into those pairs (rows: true class, columns: predicted, as in results.json).
+    """
+    import wandb
+
+    truth: list[int] = []
+    predicted: list[int] = []
+    for true, counts in enumerate(results["confusion_matrix"]):
+        for guess, count in enumerate(counts):
+            truth += [true] * int(count)
+            predicted += [guess] * int(count)
+    return wandb.plot.confusion_matrix(
+        y_true=truth, preds=predicted, class_names=list(results["class_names"])
+    )
+
+
+MODEL_METADATA = ("backbone", "strategy", "class_names", "best_epoch", "best_val_acc", "test_acc")
+
+
+def model_artifact(run_id: str, results: dict[str, Any], checkpoint: Path) -> Any:
+    """A W&B model artifact holding ``checkpoint`` (as best.ckpt) and what it was trained as."""
+    import wandb
+
+    artifact = wandb.Artifact(
+        name=f"model-{run_id}",
+        type="model",
+        metadata={key: results.get(key) for key in MODEL_METADATA},
+    )
+    artifact.add_file(str(checkpoint), name="best.ckpt")
+    return artifact
 
 
 def write_predictions(path: Path, split: DataSplit, probabilities: torch.Tensor) -> Path:

@@ -15,6 +15,7 @@ import torch
 
 from inat_finetune.data.folders import DataSplit
 from inat_finetune.errors import UserError
+from inat_finetune.runtime.extras import require_extra
 from inat_finetune.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ def check_machine(config: TrainConfig) -> None:
             f"--accelerator {config.accelerator}: not available on this machine; "
             "use --accelerator auto (or cpu)"
         )
+    if config.wandb:
+        require_extra("wandb", "--wandb")
 
 
 def preflight(config: TrainConfig, split: DataSplit) -> None:

@@ -134,7 +134,15 @@ def train(
         results = collect_results(prepared, trainer, checkpoint, fitted)
         if processes.zero:
             probabilities = module.test_report["probabilities"]
-            write_outputs(run.path, split, results, probabilities, trainer.loggers, report)
+            write_outputs(
+                run.path,
+                split,
+                results,
+                probabilities,
+                trainer.loggers,
+                report,
+                log_model=config.wandb_log_model,
+            )
         return RunResult(run_dir=run.path, results=results)
 
 
