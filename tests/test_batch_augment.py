@@ -30,6 +30,7 @@ from inat_finetune.data.batch_augment import (
     DrawParams,
     collate_padded,
     crop_box,
+    shift_hue,
 )
 from inat_finetune.data.datamodule import ToNormalisedFloat
 from inat_finetune.models.backbones import Preprocessing
@@ -154,3 +155,12 @@ def test_the_datamodule_augments_train_batches_after_the_transfer(image_folder):
     # Validation batches are only normalised.
     val_images, _ = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())))
     assert val_images.shape[1:] == (3, 32, 32) and val_images.dtype == torch.float32
+
+
+def test_the_hand_written_hue_shift_is_torchvisions():
+    torch.manual_seed(0)
+    images = torch.rand(6, 3, 16, 16)
+    images[0] = 0.5  # grey: no hue to turn
+    shifts = torch.tensor([0.05, -0.05, 0.01, 0.5, -0.3, 0.0])
+    expected = torch.stack([F.adjust_hue(i, float(s)) for i, s in zip(images, shifts, strict=True)])
+    torch.testing.assert_close(shift_hue(images, shifts), expected, atol=1e-5, rtol=0)

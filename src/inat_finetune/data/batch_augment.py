@@ -31,11 +31,12 @@ rotation                        37 ms                                   41 ms
 ==============================  ======================================  ==========================
 
 The crop stays torchvision's per image: 6x faster and the same antialiased resize as the
-per-image path. Colour jitter and rotation use Kornia's batched functional ops with
-per-sample factors (``adjust_*_with_*_subtraction`` are torchvision's formulas): on the CPU
-they are within 15% of a per-image torchvision loop, and on a GPU they are a fixed handful
-of kernels per batch where a per-image loop launches ~30 per image. Nothing here is
-hand-written beyond choosing which samples get which step.
+per-image path. Brightness, contrast, saturation and rotation use Kornia's batched
+functional ops with per-sample factors (``adjust_*_with_*_subtraction`` are torchvision's
+formulas, equal to ~2e-5): on the CPU they are within 15% of a per-image torchvision loop,
+and on a GPU they are a fixed handful of kernels per batch where a per-image loop launches
+~30 per image. Hue, most of the jitter's cost, is hand-written (``shift_hue``): it measured
+half the time of both libraries' (see there).
 """
 
 from __future__ import annotations
@@ -235,7 +236,7 @@ def jitter(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         lambda x, p: enhance.adjust_brightness_accumulative(x, p[:, BRIGHTNESS]),
         lambda x, p: enhance.adjust_contrast_with_mean_subtraction(x, p[:, CONTRAST]),
         lambda x, p: enhance.adjust_saturation_with_gray_subtraction(x, p[:, SATURATION]),
-        lambda x, p: enhance.adjust_hue(x, p[:, HUE_SHIFT] * (2 * math.pi)),
+        lambda x, p: shift_hue(x, p[:, HUE_SHIFT]),
     )
     for position in range(4):
         for step_id, step in enumerate(steps):
@@ -243,3 +244,29 @@ def jitter(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
             if len(chosen):
                 images[chosen] = step(images[chosen], params[chosen]).clamp_(0, 1)
     return images
+
+
+# Where each output channel (r, g, b) sits on the hue hexagon: HSV to RGB's (5, 3, 1).
+HEXAGON_OFFSETS = (5.0, 3.0, 1.0)
+
+
+def shift_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Each image's hue turned by its ``shift`` (in turns): ``F.adjust_hue``'s HSV result
+    (to ~2e-6) without building the HSV image.
+
+    A hue shift keeps every pixel's largest and smallest channel (value and saturation), so
+    only the hue is computed, shifted, and mapped straight back through the hexagon. Half
+    the time of Kornia's ``adjust_hue`` and of a per-image ``F.adjust_hue`` loop on a CPU
+    batch (32x3x224x224, one thread: 359 ms against 685 and 709 ms on the loaded 2-core
+    machine; hue is most of the colour jitter's cost).
+    """
+    top, channel = images.max(dim=1, keepdim=True)
+    chroma = top - images.min(dim=1, keepdim=True).values
+    # Hue in sixths of a turn: (g - b) / chroma when red is largest, 2 + (b - r) / chroma
+    # when green is, 4 + (r - g) / chroma when blue is.
+    ahead = images.roll(-1, dims=1) - images.roll(-2, dims=1)
+    hue = ahead.gather(1, channel).div_(chroma.clamp(min=1e-12)).add_(channel * 2.0)
+    hue = hue.add_(shift.view(-1, 1, 1, 1) * 6).remainder_(6)
+    offsets = torch.tensor(HEXAGON_OFFSETS, device=images.device).view(1, 3, 1, 1)
+    k = (hue + offsets).remainder_(6)
+    return top - chroma * torch.minimum(k, 4 - k).clamp_(0, 1)
