@@ -20,8 +20,12 @@ ends with the same normalised float32 batches; their workers keep freed memory
 worker normalises each image and hands over float32); ``--default-allocator`` leaves the main
 process with glibc's defaults, as ``reuse_freed_memory: false`` does.
 
-Each is timed with the evaluation transform (resize, centre crop) and with the training
-augmentation (random resized crop, flip, colour jitter, rotation). After one untimed pass (so
+Each is timed with the evaluation transform (resize, centre crop), with the training
+augmentation (random resized crop, flip, colour jitter, rotation) per image in the workers
+(``--augment-on cpu``), and with the same augmentation on the batch after the transfer
+(``--augment-on device``, ``data/batch_augment.py``): the workers then only read the stored
+uint8 image and draw its parameters, and the batch is augmented in the main process, here on
+this CPU, inside the timed loop. After one untimed pass (so
 the page cache is equally warm for all), full passes repeat for at least 3 seconds and the
 mean rate is reported: a prepared pass over 256 images lasts a tenth of a second, too short
 to time once.
@@ -161,7 +165,12 @@ def main() -> None:
             naive_ds = datasets.ImageFolder(str(root), transform=train_tf)
             naive[augment] = images_per_second(DataLoader(naive_ds, **loader_args))
         rows = []
-        for augment in (False, True):
+        modes = (
+            ("evaluation transform", False, "cpu"),
+            ("training augmentation, per image in the workers", True, "cpu"),
+            ("training augmentation, on the batch (this CPU)", True, "device"),
+        )
+        for title, augment, augment_on in modes:
             rates = {}
             for name, image_store in (("direct", None), ("prepared", store)):
                 dm = FineTuneDataModule(
@@ -172,6 +181,7 @@ def main() -> None:
                     augment,
                     image_store=image_store,
                     normalise_on_device=not args.normalise_in_workers,
+                    augment_on=augment_on,
                 )
                 dataset = dm.dataset("train")
                 dataset.samples = everything
@@ -180,12 +190,13 @@ def main() -> None:
                     dataset,
                     persistent_workers=True,
                     worker_init_fn=keep_freed_memory,
+                    collate_fn=dm.train_collate(),
                     **loader_args,
                 )
                 with freed_memory_kept(not args.default_allocator):
                     rates[name] = images_per_second(loader, dm.on_after_batch_transfer)
             rows.append(
-                f"| {'training augmentation' if augment else 'evaluation transform'} | "
+                f"| {title} | "
                 f"{naive[augment]:.0f} | {rates['direct']:.0f} | {rates['prepared']:.0f} | "
                 f"{rates['prepared'] / naive[augment]:.1f}x |"
             )

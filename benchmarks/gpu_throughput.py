@@ -9,13 +9,16 @@ in images per second:
 * synthetic tensors already on the GPU: the most the GPU can do; fp32 NCHW, fp32
   channels-last, bf16 autocast channels-last;
 * the real data pipeline (bf16 channels-last, training augmentation, pinned memory, persistent
-  workers, one worker per core up to 16) on generated nature-sized JPEGs (800x600, like
-  nature_12K's photos): the naive ImageFolder loader (PIL, whole JPEG decoded, normalised in
-  the workers), the project's loader without the cache (JPEG draft mode), and the project's
-  loader on the prepared-image cache (both hand over uint8, normalised on the GPU).
+  workers) on generated nature-sized JPEGs (800x600, like nature_12K's photos), with 2, 4 and
+  all CPU workers (a notebook's and a server's cases): the naive ImageFolder loader (PIL, whole
+  JPEG decoded, augmented and normalised in the workers), and the project's loader on the
+  prepared-image cache with the augmentation per image in the workers (``--augment-on cpu``)
+  and on the batch on the GPU (``--augment-on device``, ``data/batch_augment.py``); with all
+  workers also the project's loader without the cache (JPEG draft mode, augmented on the GPU).
 
 The gap between the synthetic bf16 row and the pipeline rows is the time the GPU waits for
-decoding. The report is markdown, to paste into ``benchmarks/RESULTS.md``.
+the CPU; the last column says how much of the synthetic rate each pipeline reaches. The
+report is one markdown table, to paste into ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -65,11 +68,13 @@ def step_fn(
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     criterion = nn.CrossEntropyLoss()
 
-    def step(images: torch.Tensor, labels: torch.Tensor) -> None:
+    def step(images: torch.Tensor, labels: torch.Tensor, *rest: torch.Tensor) -> None:
+        # rest: the per-sample augmentation parameters of a batch augmented on the device.
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True) % 10
+        rest = tuple(t.to(device, non_blocking=True) for t in rest)
         if on_device is not None:
-            images, labels = on_device((images, labels))
+            images, labels = on_device((images, labels, *rest))
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -79,6 +84,11 @@ def step_fn(
         optimizer.step()
 
     return step
+
+
+def worker_counts(cores: int) -> list[int]:
+    """2 and 4 workers (a notebook's 2-4 cores) and one per core (a server), as available."""
+    return sorted({count for count in (2, 4) if count < cores} | {cores})
 
 
 def sync(device: torch.device) -> None:
@@ -101,7 +111,9 @@ def synthetic(device: torch.device, sizes: dict, bf16: bool, channels_last: bool
     return sizes["steps"] * sizes["batch"] / (time.perf_counter() - started)
 
 
-def pipeline(device: torch.device, sizes: dict, dataset, workers: int, on_device=None) -> float:
+def pipeline(
+    device: torch.device, sizes: dict, dataset, workers: int, on_device=None, collate=None
+) -> float:
     """Images/s of bf16 channels-last training fed by ``dataset``; the last epoch is timed."""
     model = make_model(device, channels_last=True)
     step = step_fn(model, device, bf16=True, channels_last=True, on_device=on_device)
@@ -113,13 +125,14 @@ def pipeline(device: torch.device, sizes: dict, dataset, workers: int, on_device
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
         drop_last=True,
+        collate_fn=collate,
     )
     for _ in range(sizes["epochs"]):
         sync(device)
         started, count = time.perf_counter(), 0
-        for images, labels in loader:
-            step(images, labels)
-            count += len(labels)
+        for batch in loader:
+            step(*batch)
+            count += len(batch[1])
         sync(device)
         elapsed = time.perf_counter() - started
     return count / elapsed
@@ -135,7 +148,8 @@ def main() -> None:
     if device.type == "cpu" and not args.smoke:
         parser.error("no GPU here; --smoke runs the code on the CPU at tiny sizes")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    workers = min(16, cores or 1)
+    cores = cores or 1
+    workers = min(16, cores)  # threads that generate the JPEGs and build the cache
     torch.backends.cudnn.benchmark = True
     lines = [
         f"- date: {datetime.now().isoformat(timespec='minutes')}",
@@ -149,20 +163,30 @@ def main() -> None:
         ),
         f"- load average at start: {load()}",
         "",
-        "| input | precision | memory format | images/s |",
-        "|---|---|---|---:|",
+        "| input, training augmentation | workers | precision | memory format | images/s "
+        "| of synthetic bf16 |",
+        "|---|---:|---|---|---:|---:|",
     ]
     rows: list[str] = []
+    synthetic_bf16 = 0.0
 
     def row(text: str) -> None:
         rows.append(text)
         print(text, flush=True)
 
+    def pipeline_row(label: str, count: int, rate: float) -> None:
+        row(
+            f"| {label} | {count} | bf16 autocast | channels-last | {rate:.0f} "
+            f"| {rate / synthetic_bf16:.0%} |"
+        )
+
     for bf16, channels_last in ((False, False), (False, True), (True, True)):
         rate = synthetic(device, sizes, bf16, channels_last)
+        synthetic_bf16 = rate if bf16 else synthetic_bf16
         row(
-            f"| synthetic tensors on the device | {'bf16 autocast' if bf16 else 'fp32'} | "
-            f"{'channels-last' if channels_last else 'NCHW'} | {rate:.0f} |"
+            f"| synthetic tensors on the device, none | - | "
+            f"{'bf16 autocast' if bf16 else 'fp32'} | "
+            f"{'channels-last' if channels_last else 'NCHW'} | {rate:.0f} | |"
         )
     with tempfile.TemporaryDirectory(prefix="inat-gpu-") as tmp:
         root = Path(tmp) / "data"
@@ -179,26 +203,31 @@ def main() -> None:
         everything = split.samples("train") + split.samples("val") + split.samples("test")
         train_tf, _ = naive_transforms(augment=True, size=sizes["img"])
         naive = datasets.ImageFolder(str(root), transform=train_tf)
-        row(
-            f"| {sizes['photo'][0]}x{sizes['photo'][1]} JPEGs, naive ImageFolder (PIL) | "
-            f"bf16 autocast | channels-last | {pipeline(device, sizes, naive, workers):.0f} |"
-        )
-        for label, image_store in (("project loader, no cache", None), ("prepared cache", store)):
-            dm = FineTuneDataModule(split, pre, augment=True, image_store=image_store)
-            dataset = dm.dataset("train")
-            dataset.samples = everything
-            rate = pipeline(device, sizes, dataset, workers, dm.on_after_batch_transfer)
-            row(
-                f"| {sizes['photo'][0]}x{sizes['photo'][1]} JPEGs, {label} | bf16 autocast | "
-                f"channels-last | {rate:.0f} |"
-            )
+        photo = f"{sizes['photo'][0]}x{sizes['photo'][1]} JPEGs"
+        for count in worker_counts(cores):
+            rate = pipeline(device, sizes, naive, count)
+            pipeline_row(f"{photo}, naive ImageFolder (PIL), per image", count, rate)
+            cases = [("prepared cache", store, "cpu"), ("prepared cache", store, "device")]
+            if count == cores:
+                cases.append(("project loader, no cache", None, "device"))
+            for label, image_store, augment_on in cases:
+                dm = FineTuneDataModule(
+                    split, pre, augment=True, image_store=image_store, augment_on=augment_on
+                )
+                dataset = dm.dataset("train")
+                dataset.samples = everything
+                rate = pipeline(
+                    device, sizes, dataset, count, dm.on_after_batch_transfer, dm.train_collate()
+                )
+                where = "on the device, per batch" if augment_on == "device" else "per image"
+                pipeline_row(f"{photo}, {label}, {where}", count, rate)
     lines += rows
     lines += [
         "",
         f"- {len(names)} JPEGs generated in {generate_s:.0f} s; prepared cache built in "
         f"{build_s:.1f} s ({len(names) / build_s:.0f} images/s) with {workers} threads",
-        f"- DataLoader: {workers} workers, pinned memory, persistent workers, training "
-        f"augmentation; the last of {sizes['epochs']} epochs is timed",
+        f"- DataLoader: pinned memory, persistent workers, training augmentation; the last "
+        f"of {sizes['epochs']} epochs is timed",
         f"- load average at end: {load()}",
     ]
     report = "\n".join(lines) + "\n"

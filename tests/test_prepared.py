@@ -226,5 +226,6 @@ def test_training_reads_the_cache_and_compiles_on_request(tmp_path, monkeypatch)
         "workers": 0,
         "depthwise_grad": "native",  # torch.compile makes its own backward
         "allocator": "freed memory reused (glibc)",
+        "augmentation": "on the device, per batch",
     }
     assert [type(m).__name__ for m in compiled] == ["MobileNetV2"]

@@ -62,7 +62,12 @@ FEATURES = dict(OPTIONS, augment=False)
 # The same with the later blocks training on the stored output of the frozen first ones, with
 # the faster depthwise backward.
 PREFIX = dict(FEATURES, strategy="freeze_k_percent")
-VARIANTS = {"recipe": RECIPE, "features": FEATURES, "prefix": PREFIX}
+# The seed's augmentation (crop, flip, colour jitter, rotation) on the device in batches
+# (data/batch_augment.py, the default --augment-on): each sample's parameters come from its
+# own seed, so the resumed epoch augments as the uninterrupted one did. (RECIPE's policies
+# take that path too.)
+AUGMENTED = dict(OPTIONS, augment_on="device")
+VARIANTS = {"recipe": RECIPE, "features": FEATURES, "prefix": PREFIX, "augmented": AUGMENTED}
 STEPS_PER_EPOCH = 5
 # How long, and which caches were built or reused: these describe the process, not the run.
 TIMINGS = ("train_time_s", "test_time_s", "speed_paths")
@@ -187,14 +192,16 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(
 
 
 @pytest.mark.parametrize(
-    ("variant", "cache_summary"), [("features", "on ("), ("prefix", "on after")]
+    ("variant", "cache_summary"),
+    [("features", "on ("), ("prefix", "on after"), ("augmented", "off (augmentation on")],
 )
 def test_sigterm_saves_the_current_step_and_resume_matches(
     variant, cache_summary, data, uninterrupted_variant, tmp_path, monkeypatch
 ):
     """A pre-empted machine gets SIGTERM: the run saves the step it is on and exits 143.
 
-    On the feature-cache paths (the SIGKILL test covers the image path, with a recipe)."""
+    On the feature-cache paths and the seed's augmentation on the device (the SIGKILL test
+    covers the image path with a recipe)."""
     step = training.FineTuneModule.training_step
 
     def signalled(self, batch, batch_idx):
@@ -216,6 +223,8 @@ def test_sigterm_saves_the_current_step_and_resume_matches(
     _same_run(run, uninterrupted)
     cache = json.loads((uninterrupted / "results.json").read_text())["speed_paths"]
     assert cache["feature_cache"].startswith(cache_summary)
+    if variant == "augmented":
+        assert cache["augmentation"] == "on the device, per batch"
 
 
 # With the default checkpointing (every 10 minutes) a short run's last.ckpt is written when

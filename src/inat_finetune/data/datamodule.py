@@ -5,7 +5,9 @@ loaders hand over uint8 images by default and normalise each batch on the device
 transfer (``on_after_batch_transfer``, as TorchGeo does): a quarter of the bytes through the
 workers' shared memory and the host-to-device copy. The train loader's order and each
 sample's augmentation are functions of (seed, epoch, index) (``data.sampling``), so a run
-resumes exactly. Code that iterates the loaders outside a Trainer calls
+resumes exactly. With ``augment_on="device"`` the train loader hands over padded uint8 images
+with each one's random parameters, and the same hook augments the batch there
+(``data.batch_augment``); ``"cpu"`` augments each image in the workers. Code that iterates the loaders outside a Trainer calls
 ``datamodule.on_after_batch_transfer(batch)`` or builds it with ``normalise_on_device=False``.
 """
 
@@ -21,6 +23,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from inat_finetune.data.batch_augment import (
+    BatchAugment,
+    DrawParams,
+    collate_padded,
+    is_padded_batch,
+)
 from inat_finetune.data.folders import DataSplit
 from inat_finetune.data.images import load_image, unusable_after_scan
 from inat_finetune.errors import UserError
@@ -185,13 +193,21 @@ class FineTuneDataModule(L.LightningDataModule):
         eval_preprocessing: Preprocessing | None = None,
         test_transform: Any = None,
         normalise_on_device: bool = True,
+        augment_on: str = "cpu",
+        policy: str = "seed",
+        random_erasing: float = 0.0,
     ) -> None:
         """``train_transform`` replaces the seed's augmentation; ``eval_preprocessing`` sets
         another size for validation and test (``--test-img-size``); ``test_transform`` replaces
         the test transform (multi-crop test-time augmentation needs the whole resized image).
         Transforms passed in are built with ``normalise=not normalise_on_device``; one that
         normalises anyway (random erasing must come after normalisation) still works: the
-        hook leaves float batches alone."""
+        hook leaves float batches alone.
+
+        ``augment_on="device"`` (what training selects by default: ``TrainConfig.augment_on``)
+        moves the training augmentation, ``policy`` and ``random_erasing`` included, from the
+        workers to the batch after the transfer (``data.batch_augment``); it needs
+        ``normalise_on_device`` and replaces ``train_transform``."""
         super().__init__()
         self.split = split
         self.preprocessing = preprocessing
@@ -210,11 +226,24 @@ class FineTuneDataModule(L.LightningDataModule):
             if normalise_on_device
             else None
         )
+        self.batch_augment = (
+            BatchAugment(
+                preprocessing.crop_size,
+                preprocessing.interpolation_mode,
+                self.normalise,
+                policy,
+                random_erasing,
+            )
+            if augment and augment_on == "device" and self.normalise is not None
+            else None
+        )
 
     def dataset(self, split: str) -> Dataset:
         pre = self.preprocessing if split == "train" else self.eval_preprocessing
         in_workers = self.normalise is None
-        if split == "train":
+        if split == "train" and self.batch_augment is not None:
+            transform = DrawParams(pre.resize_size, pre.interpolation_mode)
+        elif split == "train":
             transform = self.train_transform
             if transform is None:
                 transform = build_train_transform(pre, self.augment, normalise=in_workers)
@@ -244,6 +273,7 @@ class FineTuneDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
             worker_init_fn=keep_freed_memory,
+            collate_fn=self.train_collate() if split == "train" else None,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -257,8 +287,13 @@ class FineTuneDataModule(L.LightningDataModule):
                 self.seed,
                 self.num_workers,
                 pin_memory=torch.cuda.is_available(),
+                collate_fn=self.train_collate(),
             )
         return self._loader("train", shuffle=True)
+
+    def train_collate(self) -> Any:
+        """``collate_padded`` when the batch is augmented on the device; else the default."""
+        return collate_padded if self.batch_augment is not None else None
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
@@ -267,6 +302,9 @@ class FineTuneDataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int = 0) -> Any:
+        if self.batch_augment is not None and is_padded_batch(batch):
+            images, labels, params = batch
+            return self.batch_augment(images, params), labels
         images, labels = batch
         if self.normalise is not None and images.dtype == torch.uint8:
             images = self.normalise(images)

@@ -103,7 +103,9 @@ class ResumableLoader(DataLoader):
         seed: int,
         num_workers: int = 0,
         pin_memory: bool = False,
+        collate_fn: Any = None,
     ) -> None:
+        """``collate_fn``: None for the default collate (``data.batch_augment`` pads)."""
         size = len(dataset)  # type: ignore[arg-type]
         super().__init__(
             SeededSamples(dataset),
@@ -117,6 +119,7 @@ class ResumableLoader(DataLoader):
             persistent_workers=num_workers > 0,
             pin_memory=pin_memory,
             worker_init_fn=keep_freed_memory,
+            collate_fn=collate_fn,
             # Worker seeds come from this generator, not from the global RNG, so starting
             # the loader does not disturb the random state that dropout uses.
             generator=torch.Generator().manual_seed(seed),

@@ -181,6 +181,7 @@ def _timings_section(results: dict[str, Any] | None) -> str:
             "DataLoader workers": speed_paths.get("workers"),
             "depthwise gradient": speed_paths.get("depthwise_grad"),
             "memory allocator": speed_paths.get("allocator"),
+            "augmentation": speed_paths.get("augmentation"),
             "images train/val/test": "/".join(
                 str(v) for v in (results.get("num_images") or {}).values()
             )

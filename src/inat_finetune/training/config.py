@@ -139,6 +139,12 @@ class TrainConfig(BaseModel):
     augment: bool = Field(
         True, description="augment the training subset (never val/test)", **COMPARE
     )
+    augment_on: Literal["device", "cpu"] = Field(
+        "device",
+        description="where training images are augmented: device (whole batches after the "
+        "transfer, the GPU or the CPU batch) or cpu (each image in the loader workers)",
+        **COMPARE,
+    )
     val_fraction: float = Field(
         0.2, gt=0, lt=1, description="share of train/ held out for validation"
     )

@@ -261,6 +261,9 @@ def build_datamodule(
         else None,
         eval_preprocessing=model.test_preprocessing,
         test_transform=tta_eval_transform(model.test_preprocessing, config.tta, normalise=False),
+        augment_on=config.augment_on,
+        policy=config.augmentation,
+        random_erasing=config.random_erasing,
     )
 
 
@@ -370,7 +373,8 @@ def log_run_plan(prepared: PreparedRun) -> None:
     split, speed, processes = prepared.split, prepared.speed, prepared.processes
     log.info(
         "%s | %s | accelerator=%s precision=%s channels_last=%s workers=%d "
-        "image_cache=%s feature_cache=%s compile=%s depthwise_grad=%s allocator=%s | run: %s",
+        "image_cache=%s feature_cache=%s compile=%s depthwise_grad=%s allocator=%s "
+        "augmentation=%s | run: %s",
         prepared.model.summary.describe(),
         f"{sum(map(len, split.train.values()))}/{sum(map(len, split.val.values()))}/"
         f"{sum(map(len, split.test.values()))} train/val/test images",
@@ -383,5 +387,6 @@ def log_run_plan(prepared: PreparedRun) -> None:
         speed.compile,
         speed.depthwise_grad,
         speed.allocator,
+        speed.augmentation,
         prepared.run.path,
     )

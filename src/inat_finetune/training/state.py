@@ -86,7 +86,17 @@ class SpeedPaths:
             "workers": self.datamodule.num_workers,
             "depthwise_grad": self.depthwise_grad,
             "allocator": self.allocator,
+            "augmentation": self.augmentation,
         }
+
+    @property
+    def augmentation(self) -> str:
+        """Where the training images are augmented (``--augment-on``), or why they are not."""
+        if getattr(self.datamodule, "batch_augment", None) is not None:
+            return "on the device, per batch"
+        if getattr(self.datamodule, "augment", False):
+            return "per image, in the loader"
+        return "off"
 
 
 @dataclass
