@@ -60,15 +60,18 @@ def train(
 ) -> Run:
     """Fine-tune one model, as ``inat-finetune train`` does, and return the finished ``Run``.
 
+    The default recipe is ``auto`` (``experiments/auto.py``): with no ``strategy`` or stage
+    schedule it chooses among candidate recipes by validation, then trains the winner.
+
     ``options`` are ``TrainConfig`` fields (``epochs=2``, ``img_size=128``, ``recipe="strong"``);
     ``config`` a YAML file of them, which keywords override. ``report=False`` skips the
     figures and the HTML report.
     """
-    from inat_finetune.training import train as run_training
+    from inat_finetune.experiments.auto import train_or_choose
 
     settings = build_config(config, data=str(data), backbone=backbone, strategy=strategy, **options)
     log_to_stderr_once()
-    result = run_training(settings, progress=progress, report=report)
+    result = train_or_choose(settings, progress=progress, report=report)
     return Run(Path(result.run_dir), dict(result.results))
 
 
