@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -200,3 +201,24 @@ def test_the_choice_never_reads_test_labels_and_the_refit_uses_all_labelled_imag
     assert len(refit_epochs) == clean.results["auto"]["refit"]["epochs"]
     assert (clean.run_dir / "checkpoints" / "best.ckpt").is_file()
     assert (clean.run_dir / "candidates").is_dir()
+
+
+def test_compare_recipes_writes_one_row_per_recipe_on_one_split(tmp_path, two_candidates):
+    tiny_split(tmp_path)  # writes the data
+    args = ["compare", "--data", str(tmp_path / "data"), "--output", str(tmp_path / "runs")]
+    for name, value in TINY_TRAIN.items():
+        if name != "strategy":
+            args += ["--" + name.replace("_", "-"), str(value)]
+    result = CliRunner().invoke(app, [*args, "--recipes", "bn_head,auto", "--budget", "2e"])
+    assert result.exit_code == 0, result.output
+    (comparison_dir,) = (tmp_path / "runs").iterdir()
+    comparison = json.loads((comparison_dir / "comparison.json").read_text())
+    assert comparison["compared"] == "recipe"
+    assert [row["strategy"] for row in comparison["rows"]] == ["bn_head", "auto"]
+    runs = [comparison_dir / row["run_dir"] for row in comparison["rows"]]
+    results = [json.loads((run / "results.json").read_text()) for run in runs]
+    assert results[0]["strategy"] == "freeze_except_bn_and_fc" and "auto" not in results[0]
+    assert results[1]["auto"]["winner"] in ("probe", "bn_head")
+    assert results[0]["num_images"]["test"] == results[1]["num_images"]["test"] == 6
+    assert "| recipe | train acc" in (comparison_dir / "comparison.md").read_text()
+    assert "Recipe chosen by validation" in (runs[1] / "report.html").read_text()

@@ -248,12 +248,15 @@ class TrainConfig(BaseModel):
         None,
         pattern=r"^\d+(\.\d+)?[me]$",
         description="--recipe auto: time for choosing, in minutes (10m) or candidate epochs (20e)",
-        json_schema_extra={UNSET: "16e under 2000 labelled images, else 8e"},
+        json_schema_extra={
+            UNSET: "16e under 2000 labelled images, else 8e",
+            **COMPARE["json_schema_extra"],  # for compare --recipes auto
+        },
     )
     refit: bool | None = Field(
         None,
         description="--recipe auto: train the winner again on train + validation images",
-        json_schema_extra={UNSET: "on under 2000 labelled images"},
+        json_schema_extra={UNSET: "on under 2000 labelled images", **COMPARE["json_schema_extra"]},
     )
     train_from: str | None = Field(
         None, description="train from this stage on (layer3, features.14, all); see errors"

@@ -120,11 +120,17 @@ def merge_layers(layers: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
+def preset_name(config: Any) -> str | None:
+    """The preset a run trained with: ``auto`` is a choice, not a preset; a run that reaches
+    training with it (called directly, not through ``experiments/auto.py``) has none."""
+    return None if config.recipe == AUTO else config.recipe
+
+
 def recipe_card(config: Any, plan: Any, train_preprocessing: Any) -> dict[str, Any]:
     """What a checkpoint's card records of the recipe, beside model_card's fields."""
     schedule = config.stage_schedule()
     return {
-        "recipe": config.recipe,
+        "recipe": preset_name(config),
         "schedule": format_schedule(schedule) if schedule else None,
         "ema": plan.ema_decay is not None,
         "tta": config.tta,
@@ -137,7 +143,7 @@ def recipe_results(config: Any, module: Any, epochs_run: int) -> dict[str, Any]:
     schedule = config.stage_schedule()
     unfreeze = module.plan.unfreeze
     return {
-        "recipe": config.recipe,
+        "recipe": preset_name(config),
         "schedule": format_schedule(schedule) if schedule else None,
         # The stages that started training within the epochs run, e.g. [[0, "head"],
         # [1, "features.0"]]: the schedule is a function of the epoch, so a resumed run
