@@ -36,6 +36,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.callbacks import Callback
+
 from inat_finetune.data.folders import DataSplit
 from inat_finetune.experiments.auto_plan import (
     CANDIDATES,
@@ -133,11 +135,30 @@ def min_epochs(candidate: Candidate) -> int:
     return int(preset.get("lp_epochs", 0) or 0) + 1
 
 
-class CandidateRunner:
-    """Trains one candidate for a round on its folds (``evaluate`` for successive halving)."""
+class DeadlineStop(Callback):
+    """Ends a candidate's training at the time budget's deadline (after the current step:
+    Lightning still validates the epoch it stopped in, so the candidate has a score)."""
 
-    def __init__(self, config: TrainConfig, split: DataSplit, where: Path) -> None:
-        self.config, self.where = config, where
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+
+    def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+        if time.perf_counter() >= self.deadline:
+            trainer.should_stop = True
+
+
+class CandidateRunner:
+    """Trains one candidate for a round on its folds (``evaluate`` for successive halving).
+
+    With a time budget, ``deadline`` (a ``time.perf_counter`` value) ends the choice: a training
+    under way stops at its next step, and no fold starts after it once any fold has a score, so
+    a candidate never started has no folds (and ranks last)."""
+
+    def __init__(
+        self, config: TrainConfig, split: DataSplit, where: Path, deadline: float | None = None
+    ) -> None:
+        self.config, self.where, self.deadline = config, where, deadline
+        self.scored_any = False
         self.folds = fold_splits(split, config.seed)
         self.table = {c.name: c for c in CANDIDATES}
         self.options = {
@@ -174,13 +195,22 @@ class CandidateRunner:
         started = time.perf_counter()
         scores, best, runs = [], [], []
         for index, fold in enumerate(self.folds_for(candidate)):
+            if self.out_of_time():
+                break
             config = self.candidate_config(candidate, epochs, f"{name}-round{round_}-fold{index}")
-            result = training_run.train(config, split=fold, progress=False, report=False)
+            stop = [DeadlineStop(self.deadline)] if self.deadline is not None else []
+            result = training_run.train(
+                config, split=fold, progress=False, report=False, callbacks=stop
+            )
+            self.scored_any = True
             shutil.rmtree(result.run_dir / "checkpoints", ignore_errors=True)  # never loaded
             scores.append(float(result.results["best_val_acc"]))
             best.append(int(result.results.get("best_epoch") or 0) + 1)
             runs.append(result.run_dir.name)
         seconds = time.perf_counter() - started
+        if not scores:
+            log.info("auto: %s round %d not run: the time budget is spent", name, round_)
+            return Scored([], 0, seconds, [], {"runs": [], "not_run": "the time budget is spent"})
         log.info(
             "auto: %s round %d, %d epochs x %d fold(s): val acc %.2f%% (%.1f s)",
             name,
@@ -191,6 +221,12 @@ class CandidateRunner:
             seconds,
         )
         return Scored(scores, epochs, seconds, best, {"runs": runs})
+
+    def out_of_time(self) -> bool:
+        """Past the deadline, once something has a score (the first fold always runs)."""
+        return (
+            self.deadline is not None and self.scored_any and time.perf_counter() >= self.deadline
+        )
 
 
 def choose_and_train(
@@ -210,7 +246,8 @@ def choose_and_train(
     budget = parse_budget(config.budget, count)
     name = config.run_name or f"{config.backbone}-auto"
     where = new_run_dir(config.output, f"{name}-{CANDIDATES_DIR}")
-    runner = CandidateRunner(config, split, where)
+    deadline = time.perf_counter() + 60 * budget.amount if budget.unit == "m" else None
+    runner = CandidateRunner(config, split, where, deadline)
     log.info(
         "auto: %d candidates, %s, scored on %s; budget %s",
         len(CANDIDATES),
@@ -273,6 +310,7 @@ def auto_summary(
                 "best_epochs": scores[candidate.name].best_epochs,
                 "seconds": round(scores[candidate.name].seconds, 2),
                 "runs": scores[candidate.name].extra.get("runs", []),
+                "not_run": scores[candidate.name].extra.get("not_run"),
             }
             for index, scores in enumerate(halving.rounds)
             if candidate.name in scores

@@ -18,7 +18,8 @@ decision can be tested with cheap fake candidates.
   accuracy over its folds, ties to the earlier candidate in the table) goes on, until one is
   left or the next round does not fit the budget. An epoch budget (``20e``) counts budget epochs
   summed over candidates and rounds; a time budget (``10m``) stops before a round that the
-  seconds per budget epoch measured so far say would not fit (one round always runs).
+  seconds per budget epoch measured so far say would not fit, and ``experiments/auto.py`` stops
+  a training under way at the deadline (the first candidate's first fold always gets a score).
 """
 
 from __future__ import annotations
@@ -138,6 +139,9 @@ class Scored:
 
     @property
     def val_acc(self) -> float:
+        """Mean over the folds; 0 for a candidate the time budget left no time to run."""
+        if not self.fold_val_acc:
+            return 0.0
         return sum(self.fold_val_acc) / len(self.fold_val_acc)
 
 
