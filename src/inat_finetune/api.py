@@ -83,14 +83,20 @@ def compare(
     progress: bool = True,
     report: bool = True,
     config: str | Path | None = None,
+    recipes: str | Sequence[str] | None = None,
     **options: Any,
 ) -> Comparison:
     """Train each freezing strategy on one shared split, as ``inat-finetune compare`` does.
 
     ``strategies`` is a list or a comma-separated string (default: the write-up's three);
     ``then_train_epochs`` trains the strategy validation chose again for that many epochs.
+    ``recipes`` (``"auto,seed,strong"`` or a list) compares recipes instead of strategies.
     """
-    from inat_finetune.experiments.comparison import SEED_STRATEGIES, parse_strategies
+    from inat_finetune.experiments.comparison import (
+        SEED_STRATEGIES,
+        parse_recipes,
+        parse_strategies,
+    )
     from inat_finetune.experiments.comparison import compare as run_comparison
 
     if strategies is None:
@@ -98,10 +104,18 @@ def compare(
     else:
         text = strategies if isinstance(strategies, str) else ",".join(strategies)
         chosen = parse_strategies(text)
+    compared = None
+    if recipes is not None:
+        compared = parse_recipes(recipes if isinstance(recipes, str) else ",".join(recipes))
     settings = build_config(config, data=str(data), **options)
     log_to_stderr_once()
     result = run_comparison(
-        settings, chosen, then_train_epochs=then_train_epochs, progress=progress, report=report
+        settings,
+        chosen,
+        then_train_epochs=then_train_epochs,
+        progress=progress,
+        report=report,
+        recipes=compared,
     )
     return Comparison(Path(result.comparison_dir), dict(result.comparison))
 
