@@ -74,7 +74,9 @@ def main() -> None:
 
     from inat_finetune.api import train
 
-    with tempfile.TemporaryDirectory(dir=args.source.parent) as tmp:  # hard links: same disk
+    with tempfile.TemporaryDirectory() as tmp:  # never inside the shared photo folders
+        if os.stat(tmp).st_dev != os.stat(args.source).st_dev:
+            raise SystemExit(f"{tmp} is on another disk than {args.source}: no hard links")
         data = make_repeated(args.source, Path(tmp) / "data", args.images)
         started = time.perf_counter()
         run = train(
