@@ -24,7 +24,14 @@ Otherwise ``choose_and_train``:
    Without refit the winner trains again on the given train/validation split.
 
 ``results.json`` of that run gains ``auto``: the candidates, their rounds, epochs, seconds and
-validation scores per fold, the winner and why; the report shows it as a section.
+validation scores per fold, the winner and why; the report shows it as a section. Its
+``config.yaml`` is the winner's (recipe, options, epochs): passed back with ``--config`` it
+trains the winner once on the original train/validation split, without choosing again.
+
+``auto`` runs in one process (``--devices`` above 1 is refused with the fix). The probe
+candidate goes through ``training.train`` once per fold, whose per-run cost (a checkpoint written
+per epoch, the test pass) is most of its time on small data; a probe scored on all folds by one
+function over the cached features replaces it when ``--recipe probe`` lands.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from typing import Any
 from lightning.pytorch.callbacks import Callback
 
 from inat_finetune.data.folders import DataSplit
+from inat_finetune.errors import UserError
 from inat_finetune.experiments.auto_plan import (
     CANDIDATES,
     K_FOLDS,
@@ -54,6 +62,8 @@ from inat_finetune.experiments.auto_plan import (
 from inat_finetune.models.backbones import get_model
 from inat_finetune.models.stages import backbone_stages
 from inat_finetune.runfiles import new_run_dir, read_json, write_json_atomic
+from inat_finetune.runtime.distributed import plan_world
+from inat_finetune.runtime.hardware import resolve_accelerator
 from inat_finetune.training import run as training_run
 from inat_finetune.training.config import TrainConfig, given_options, with_recipe
 from inat_finetune.training.outputs import write_figures_and_report
@@ -238,9 +248,13 @@ def choose_and_train(
     """Choose a recipe by successive halving on validation folds, then train the winner on all
     labelled images (or the given split); see the module docstring."""
     if config.data is None and split is None:
-        from inat_finetune.errors import UserError
-
         raise UserError("--data is required: the folder that holds the images")
+    world = plan_world(config.devices, config.num_nodes, resolve_accelerator(config.accelerator))
+    if world.processes > 1:
+        raise UserError(
+            f"--recipe auto runs in one process, not {world.processes}: pass --devices 1, or "
+            "a recipe (--recipe strong) or --strategy to train on several devices"
+        )
     split = split_for_run(config, progress, given=split)
     count = sum(map(len, labelled(split).values()))
     budget = parse_budget(config.budget, count)
