@@ -222,3 +222,10 @@ def test_compare_recipes_writes_one_row_per_recipe_on_one_split(tmp_path, two_ca
     assert results[0]["num_images"]["test"] == results[1]["num_images"]["test"] == 6
     assert "| recipe | train acc" in (comparison_dir / "comparison.md").read_text()
     assert "Recipe chosen by validation" in (runs[1] / "report.html").read_text()
+
+
+def test_auto_on_several_processes_is_refused_with_the_fix(tmp_path):
+    config = load_config(None, data=str(tmp_path), devices="2", accelerator="cpu")
+    with pytest.raises(UserError, match="--recipe auto runs in one process, not 2"):
+        auto.train_or_choose(config, progress=False)
+    assert not any(tmp_path.iterdir())  # refused before the data is read or a folder made
