@@ -91,9 +91,14 @@ class Budget:
 
 
 def parse_budget(text: str | None, labelled: int) -> Budget:
-    """``--budget``: ``10m`` or ``20e``; by default 16 epochs on small data, else 8."""
+    """``--budget``: ``10m`` or ``20e``; by default 8 epochs on small data, else 4.
+
+    The defaults keep the whole default run cheap on two CPU cores: 16 epochs on hymenoptera
+    (244 photos, 224 px, mobilenet_v2) cost 305 CPU seconds; 8 give round 0 one epoch per
+    fine-tuning candidate (LP-FT two) and round 1 two, and the probe half the epochs.
+    """
     if text is None:
-        return Budget(16.0 if labelled < SMALL_DATA else 8.0, "e")
+        return Budget(8.0 if labelled < SMALL_DATA else 4.0, "e")
     found = re.fullmatch(r"(\d+(?:\.\d+)?)([me])", text.strip())
     if found is None or float(found.group(1)) <= 0:
         raise UserError(f"--budget {text}: give minutes like 10m or candidate epochs like 20e")

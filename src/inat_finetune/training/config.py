@@ -249,7 +249,7 @@ class TrainConfig(BaseModel):
         pattern=r"^\d+(\.\d+)?[me]$",
         description="--recipe auto: time for choosing, in minutes (10m) or candidate epochs (20e)",
         json_schema_extra={
-            UNSET: "16e under 2000 labelled images, else 8e",
+            UNSET: "8e under 2000 labelled images, else 4e",
             **COMPARE["json_schema_extra"],  # for compare --recipes auto
         },
     )
