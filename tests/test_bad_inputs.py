@@ -308,7 +308,7 @@ def test_unexpected_errors_are_one_line_unless_verbose(tmp_path, monkeypatch):
         raise RuntimeError("something odd\nwith a second line")
 
     monkeypatch.setattr(training, "train", broken)
-    args = ["train", "--data", str(tmp_path)]
+    args = ["train", "--data", str(tmp_path), "--recipe", "bn_head"]  # one run, not auto's
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1
     lines = [line for line in result.output.splitlines() if line.strip()]

@@ -24,7 +24,7 @@ from inat_finetune.training.config import TrainConfig
 # Options that only the command line has: they are not run settings.
 CLI_ONLY = {
     "train": {"config", "resume"},
-    "compare": {"config", "strategies", "then_train_epochs"},
+    "compare": {"config", "strategies", "then_train_epochs", "recipes"},
 }
 # Fields deliberately set only in a --config file (the reason stands beside each field).
 CONFIG_FILE_ONLY = {"wandb_group", "fast_depthwise_grad", "reuse_freed_memory"}
@@ -128,6 +128,8 @@ def test_given_options_override_the_config_file_and_others_do_not(
     config.write_text(yaml.safe_dump({"batch_size": 9, "lr": 0.5}), encoding="utf-8")
     args = [command, "--data", str(tmp_path), "--output", str(tmp_path / "runs")]
     args += ["--config", str(config), "--lr", "0.25", "--no-augment"]
+    if command == "train":  # one run, not auto's choice (which first scans the data)
+        args += ["--recipe", "bn_head"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2, result.output
     assert "stopped before training" in result.output

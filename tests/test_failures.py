@@ -382,7 +382,7 @@ def test_a_full_disk_anywhere_else_is_one_line_naming_the_file(tmp_path, monkeyp
         raise OSError(errno.ENOSPC, "No space left on device", "/cache/images/data-0.bin")
 
     monkeypatch.setattr(training, "train", full)
-    result = CliRunner().invoke(app, ["train", "--data", str(tmp_path)])
+    result = CliRunner().invoke(app, ["train", "--data", str(tmp_path), "--recipe", "bn_head"])
     text = _one_line_error(result)
     assert "error: /cache/images/data-0.bin: could not write it (No space left on device); " in text
     assert "free some space or choose another --output" in text

@@ -60,15 +60,18 @@ def train(
 ) -> Run:
     """Fine-tune one model, as ``inat-finetune train`` does, and return the finished ``Run``.
 
+    The default recipe is ``auto`` (``experiments/auto.py``): with no ``strategy`` or stage
+    schedule it chooses among candidate recipes by validation, then trains the winner.
+
     ``options`` are ``TrainConfig`` fields (``epochs=2``, ``img_size=128``, ``recipe="strong"``);
     ``config`` a YAML file of them, which keywords override. ``report=False`` skips the
     figures and the HTML report.
     """
-    from inat_finetune.training import train as run_training
+    from inat_finetune.experiments.auto import train_or_choose
 
     settings = build_config(config, data=str(data), backbone=backbone, strategy=strategy, **options)
     log_to_stderr_once()
-    result = run_training(settings, progress=progress, report=report)
+    result = train_or_choose(settings, progress=progress, report=report)
     return Run(Path(result.run_dir), dict(result.results))
 
 
@@ -80,14 +83,20 @@ def compare(
     progress: bool = True,
     report: bool = True,
     config: str | Path | None = None,
+    recipes: str | Sequence[str] | None = None,
     **options: Any,
 ) -> Comparison:
     """Train each freezing strategy on one shared split, as ``inat-finetune compare`` does.
 
     ``strategies`` is a list or a comma-separated string (default: the write-up's three);
     ``then_train_epochs`` trains the strategy validation chose again for that many epochs.
+    ``recipes`` (``"auto,seed,strong"`` or a list) compares recipes instead of strategies.
     """
-    from inat_finetune.experiments.comparison import SEED_STRATEGIES, parse_strategies
+    from inat_finetune.experiments.comparison import (
+        SEED_STRATEGIES,
+        parse_recipes,
+        parse_strategies,
+    )
     from inat_finetune.experiments.comparison import compare as run_comparison
 
     if strategies is None:
@@ -95,10 +104,18 @@ def compare(
     else:
         text = strategies if isinstance(strategies, str) else ",".join(strategies)
         chosen = parse_strategies(text)
+    compared = None
+    if recipes is not None:
+        compared = parse_recipes(recipes if isinstance(recipes, str) else ",".join(recipes))
     settings = build_config(config, data=str(data), **options)
     log_to_stderr_once()
     result = run_comparison(
-        settings, chosen, then_train_epochs=then_train_epochs, progress=progress, report=report
+        settings,
+        chosen,
+        then_train_epochs=then_train_epochs,
+        progress=progress,
+        report=report,
+        recipes=compared,
     )
     return Comparison(Path(result.comparison_dir), dict(result.comparison))
 

@@ -106,21 +106,52 @@ def _print_lr_find(found: dict[str, Any], run_dir: Path) -> bool:
 @config_options(TRAIN)
 def train(config: ConfigOpt = None, resume: ResumeOpt = None, **options: Any) -> None:
     """Fine-tune a pretrained backbone, keep the best checkpoint by val accuracy, and test it."""
+    from inat_finetune.experiments.auto import train_or_choose
     from inat_finetune.runtime.distributed import is_global_zero
-    from inat_finetune.training.run import train as run_training
 
     if resume is not None:
         from inat_finetune.training.resume import resume_run
 
         result = resume_run(resume, {**options, "config": config}, progress=True)
     else:
-        result = run_training(config_from(config, options), progress=True)
+        result = train_or_choose(config_from(config, options), progress=True)
     if not is_global_zero():
         return
     found = result.results.get("lr_find")
     if found is not None and not _print_lr_find(found, result.run_dir):
         return
+    if "auto" in result.results:
+        _print_auto(result.results["auto"])
     _print_results(result.results, result.run_dir)
+
+
+def _print_auto(auto: dict[str, Any]) -> None:
+    """The candidates ``--recipe auto`` tried, their rounds and scores, and why the winner won."""
+    table = Table(title=f"Recipe chosen by validation ({auto['scored_on']})")
+    for column in ("candidate", "rounds", "epochs x folds", "val acc (last round)", "seconds"):
+        table.add_column(column)
+    for candidate in auto["candidates"]:
+        last = candidate["rounds"][-1]
+        mark = " (chosen)" if candidate["name"] == auto["winner"] else ""
+        table.add_row(
+            f"{candidate['name']}{mark}",
+            str(len(candidate["rounds"])),
+            " + ".join(f"{r['epochs']}x{r['folds']}" for r in candidate["rounds"]),
+            percent_or_na(last["val_acc"]),
+            f"{candidate['seconds']:.1f}",
+        )
+    out.print(table)
+    refit = auto["refit"]
+    out.print(
+        f"why: {auto['why']}; budget {auto['budget']} ({auto['halving_stopped']}); "
+        + (
+            f"refit on {refit['train_images']} labelled images for {refit['epochs']} epochs"
+            if refit["on"]
+            else f"trained again for {refit['epochs']} epochs (no refit)"
+        ),
+        soft_wrap=True,
+        highlight=False,
+    )
 
 
 def _print_comparison(result: Any) -> None:
@@ -139,16 +170,24 @@ def compare(
     then_train_epochs: Annotated[
         int | None, typer.Option(help="then train the winner (by val accuracy) this many epochs")
     ] = None,
+    recipes: Annotated[
+        str | None,
+        typer.Option(
+            help="comma-separated recipes to compare instead of strategies (auto,seed,strong)"
+        ),
+    ] = None,
     config: ConfigOpt = None,
     **options: Any,
 ) -> None:
-    """Train several freezing strategies on one split, pick the best by val accuracy, report."""
+    """Train several freezing strategies (or --recipes) on one split, pick the best by val
+    accuracy, report."""
     from inat_finetune.experiments.comparison import compare as run_comparison
-    from inat_finetune.experiments.comparison import parse_strategies
+    from inat_finetune.experiments.comparison import parse_recipes, parse_strategies
     from inat_finetune.runtime.distributed import is_global_zero
 
     cfg = config_from(config, options)  # checked before --strategies, as it always was
-    result = run_comparison(cfg, parse_strategies(strategies), then_train_epochs)
+    chosen = parse_recipes(recipes) if recipes is not None else None
+    result = run_comparison(cfg, parse_strategies(strategies), then_train_epochs, recipes=chosen)
     if is_global_zero():
         _print_comparison(result)
 

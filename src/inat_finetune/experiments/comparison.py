@@ -1,4 +1,4 @@
-"""Compare freezing strategies on one split, pick the best by validation accuracy, train it longer.
+"""Compare freezing strategies (or recipes) on one split, pick the best by validation accuracy.
 
 This is the original write-up's Steps 6 and 7 as one call. Every strategy sees the same split
 and the same seed, so the only difference between the runs is what trains. The winner is chosen
@@ -10,6 +10,11 @@ an optimistic estimate.
         comparison.md     the same table for humans
         figures/comparison.png, report.html
         runs/<strategy>/  one ordinary run directory per strategy (and final-<strategy>/)
+
+``--recipes auto,seed,strong`` compares recipes the same way (same split, same test set, one
+table): ``compared`` is then ``recipe``, each row's ``strategy`` is the recipe's name (the key
+every reader of comparison.json labels rows by) and ``trained_strategy`` what that run trained;
+``auto`` runs ``experiments/auto.py``'s choice and reports the run of its winner.
 """
 
 from __future__ import annotations
@@ -26,8 +31,9 @@ from inat_finetune.errors import UserError
 from inat_finetune.models.freezing import STRATEGIES
 from inat_finetune.runfiles import new_run_dir, write_json_atomic, write_text_atomic
 from inat_finetune.runtime.distributed import broadcast_from_zero, shared_directory
-from inat_finetune.training.config import TrainConfig
+from inat_finetune.training.config import TrainConfig, with_recipe
 from inat_finetune.training.outputs import write_figures_and_report
+from inat_finetune.training.recipes import AUTO, RECIPES
 from inat_finetune.training.run import train
 from inat_finetune.training.setup import prepare_processes, split_for_run
 
@@ -59,14 +65,30 @@ def parse_strategies(text: str) -> list[str]:
     return strategies
 
 
+def parse_recipes(text: str) -> list[str]:
+    """``--recipes auto,seed,strong``: known recipe names, each once."""
+    known = [AUTO, *RECIPES]
+    recipes = [r.strip() for r in text.split(",") if r.strip()]
+    unknown = [r for r in recipes if r not in known]
+    if unknown or not recipes:
+        raise UserError(
+            f"--recipes {text}: unknown {unknown or 'empty list'}; use a comma-separated list "
+            f"of {', '.join(known)}"
+        )
+    if len(set(recipes)) != len(recipes):
+        raise UserError(f"--recipes {text}: a recipe is listed twice")
+    return recipes
+
+
 def select_best(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Highest validation accuracy; ties go to the run with fewer trainable parameters."""
     return max(rows, key=lambda row: (row[SELECTED_BY], -row["trainable_params"]))
 
 
 def comparison_markdown(comparison: dict[str, Any]) -> str:
+    compared = comparison.get("compared", "strategy")
     lines = [
-        "| strategy | train acc | val acc | test acc | trainable params | wall time (s) |",
+        f"| {compared} | train acc | val acc | test acc | trainable params | wall time (s) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for row in comparison["rows"]:
@@ -78,6 +100,11 @@ def comparison_markdown(comparison: dict[str, Any]) -> str:
         )
     lines.append("")
     lines.append(f"Selected by validation accuracy: **{comparison['best_strategy']}**.")
+    if compared == "recipe":
+        lines.append(
+            "Each recipe's val acc is on the shared validation split, except auto's and the "
+            "refit's, which train on it: their val acc is the refit's in-sample score."
+        )
     final = comparison.get("final")
     if final:
         lines.append(
@@ -106,12 +133,16 @@ def compare(
     then_train_epochs: int | None = None,
     progress: bool = True,
     report: bool = True,
+    recipes: Sequence[str] | None = None,
 ) -> ComparisonResult:
-    """Train each strategy with ``config`` on one shared split; see the module docstring."""
+    """Train each strategy (or each of ``recipes``) with ``config`` on one shared split; see the
+    module docstring."""
     if config.data is None:
         raise UserError("--data is required: the folder that holds the images")
     if then_train_epochs is not None and then_train_epochs < 1:
         raise UserError(f"--then-train-epochs {then_train_epochs}: must be at least 1")
+    if recipes and then_train_epochs:
+        raise UserError("--then-train-epochs trains a strategy longer; drop it with --recipes")
     # Under DDP every process runs this loop; rank 0 alone scans and writes (see distributed).
     processes = prepare_processes(config)
     split = split_for_run(config, progress and processes.zero)
@@ -119,9 +150,13 @@ def compare(
         lambda: new_run_dir(config.output, config.run_name or "compare"),
         processes.world.processes,
     )
-    rows = _train_each_strategy(config, strategies, split, comparison_dir, progress, report)
+    if recipes:
+        rows = _train_each_recipe(config, recipes, split, comparison_dir, progress, report)
+    else:
+        rows = _train_each_strategy(config, strategies, split, comparison_dir, progress, report)
     best = broadcast_from_zero(lambda: select_best(rows))
     comparison: dict[str, Any] = {
+        "compared": "recipe" if recipes else "strategy",
         "rows": rows,
         "best_strategy": best["strategy"],
         "selected_by": SELECTED_BY,
@@ -184,6 +219,35 @@ def _train_each_strategy(
         )
         elapsed = time.perf_counter() - started
         rows.append(_row(strategy, result.run_dir, comparison_dir, result.results, elapsed))
+    return rows
+
+
+def _train_each_recipe(
+    config: TrainConfig,
+    recipes: Sequence[str],
+    split: DataSplit,
+    comparison_dir: Path,
+    progress: bool,
+    report: bool,
+) -> list[dict[str, Any]]:
+    """One run per recipe on the shared split (``auto``: its choice, then its winner's run)."""
+    from inat_finetune.experiments.auto import train_or_choose
+
+    rows: list[dict[str, Any]] = []
+    for recipe in recipes:
+        log.info("Recipe %s (%d of %d)", recipe, len(rows) + 1, len(recipes))
+        started = time.perf_counter()
+        run_config = with_recipe(
+            config,
+            recipe,
+            output=str(comparison_dir / "runs"),
+            run_name=recipe,
+            wandb_group=comparison_dir.name,
+        )
+        result = train_or_choose(run_config, split=split, progress=progress, report=report)
+        elapsed = time.perf_counter() - started
+        row = _row(recipe, result.run_dir, comparison_dir, result.results, elapsed)
+        rows.append({**row, "trained_strategy": result.results["strategy"]})
     return rows
 
 

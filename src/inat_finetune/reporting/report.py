@@ -17,6 +17,7 @@ import yaml
 
 from inat_finetune.errors import UserError
 from inat_finetune.reporting import plots
+from inat_finetune.reporting.auto_section import AUTO_ANCHOR, AUTO_TITLE, auto_section_body
 from inat_finetune.reporting.html_blocks import (
     cards_html,
     count_text,
@@ -261,6 +262,8 @@ def run_sections(
 def _run_page(run_dir: Path) -> str:
     results = _read_optional(run_dir / "results.json")
     sections = run_sections(run_dir)
+    if results and isinstance(results.get("auto"), dict):  # --recipe auto: its choice first
+        sections.insert(0, (AUTO_ANCHOR, AUTO_TITLE, auto_section_body(results["auto"])))
     what = ""
     if results:
         what = f"{results.get('backbone', '?')} · {results.get('strategy', '?')}"

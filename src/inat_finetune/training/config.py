@@ -1,7 +1,7 @@
 """One validated configuration per run, settable from YAML and from the command line.
 
-Precedence: command-line option > YAML file (``--config``) > recipe (``--recipe seed|strong``,
-see ``training/recipes.py``) > the defaults below, which are the original write-up's (Adam, lr 1e-3,
+Precedence: command-line option > YAML file (``--config``) > recipe (``--recipe seed|strong|bn_head``,
+see ``training/recipes.py``; ``auto`` is no preset but a choice among them, ``experiments/auto.py``) > the defaults below, which are the original write-up's (Adam, lr 1e-3,
 cross-entropy, batch 32, 224 px from the weights preset).
 The resolved configuration is saved as ``config.yaml`` in the run directory; passing that file
 back with ``--config`` repeats the run.
@@ -266,8 +266,24 @@ class TrainConfig(BaseModel):
     )
 
     # Fine-tuning recipes (issue 6): see training/recipes.py, models/stages.py, tasks/optim.py, data/augment.py, data/tta.py.
-    recipe: Literal["seed", "strong"] | None = Field(
-        None, description="preset: seed (the original write-up) or strong; options override it"
+    recipe: Literal["auto", "seed", "strong", "bn_head"] | None = Field(
+        "auto",
+        description="auto (choose among candidates by validation), seed (the original "
+        "write-up), strong, or bn_head (BatchNorm + head); options override it",
+    )
+    budget: str | None = Field(
+        None,
+        pattern=r"^\d+(\.\d+)?[me]$",
+        description="--recipe auto: time for choosing, in minutes (10m) or candidate epochs (20e)",
+        json_schema_extra={
+            UNSET: "8e under 2000 labelled images, else 4e",
+            **COMPARE["json_schema_extra"],  # for compare --recipes auto
+        },
+    )
+    refit: bool | None = Field(
+        None,
+        description="--recipe auto: train the winner again on train + validation images",
+        json_schema_extra={UNSET: "on under 2000 labelled images", **COMPARE["json_schema_extra"]},
     )
     train_from: str | None = Field(
         None, description="train from this stage on (layer3, features.14, all); see errors"
@@ -459,6 +475,30 @@ def why_not_for_an_ensemble(config: TrainConfig) -> str | None:
     if config.weights not in ("DEFAULT", "none"):
         return f"{ensemble}, each with its default ImageNet weights; drop --weights"
     return None
+
+
+def given_options(config: TrainConfig) -> dict[str, Any]:
+    """The options set explicitly (a keyword, the command line, a --config file or a recipe)."""
+    return {name: getattr(config, name) for name in config.model_fields_set}
+
+
+def with_recipe(
+    config: TrainConfig,
+    recipe: str | None,
+    options: dict[str, Any] | None = None,
+    **changes: Any,
+) -> TrainConfig:
+    """``config`` under another recipe: the recipe's preset and ``options`` over it, then what
+    ``config`` was given explicitly (it wins, as on the command line), then ``changes``."""
+    from inat_finetune.training.recipes import merge_layers, recipe_values
+
+    given = {k: v for k, v in given_options(config).items() if k != "recipe"}
+    layers = [recipe_values(recipe), options or {}, given, {"recipe": recipe, **changes}]
+    values = merge_layers(layers)
+    try:
+        return TrainConfig(**values)
+    except ValidationError as exc:
+        raise UserError(explain_validation_error(exc, f"--recipe {recipe}")) from None
 
 
 def explain_validation_error(error: ValidationError, source: str) -> str:

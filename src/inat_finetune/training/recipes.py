@@ -1,4 +1,9 @@
-"""Presets of options: ``seed`` (the original write-up) and ``strong`` (the best shown here).
+"""Presets of options: ``seed`` (the original write-up), ``strong`` (the best shown here) and
+``bn_head`` (BatchNorm + head: the built-in defaults, the default recipe before ``auto``).
+
+``auto``, the default, is no preset: it chooses among presets (``experiments/auto.py``), and
+``recipe_values("auto")`` is empty, so a run that ``auto`` does not take over (a strategy or a
+stage schedule given) is the built-in defaults, as ``bn_head``.
 
 A recipe only fills in defaults. Precedence, highest first: command-line option, ``--config``
 YAML file, recipe, built-in default. A few options go together, and a layer that sets one of
@@ -74,7 +79,12 @@ RECIPES: dict[str, dict[str, Any]] = {
         "random_erasing": 0.25,
         "tta": "flip",
     },
+    # The built-in defaults: BatchNorm and classifier train, augmented, Adam at 1e-3.
+    "bn_head": {},
 }
+
+
+AUTO = "auto"  # the recipe that chooses among the others (experiments/auto.py)
 
 
 SCHEDULE_KEYS = ("train_from", "lp_epochs", "unfreeze_schedule")
@@ -91,10 +101,10 @@ DISPLACES: dict[str, tuple[str, ...]] = {
 
 
 def recipe_values(name: str | None) -> dict[str, Any]:
-    if name is None:
+    if name is None or name == AUTO:
         return {}
     if not isinstance(name, str) or name not in RECIPES:
-        raise UserError(f"--recipe {name}: unknown; use one of {', '.join(RECIPES)}")
+        raise UserError(f"--recipe {name}: unknown; use one of {AUTO}, {', '.join(RECIPES)}")
     return dict(RECIPES[name])
 
 
@@ -110,11 +120,17 @@ def merge_layers(layers: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
+def preset_name(config: Any) -> str | None:
+    """The preset a run trained with: ``auto`` is a choice, not a preset; a run that reaches
+    training with it (called directly, not through ``experiments/auto.py``) has none."""
+    return None if config.recipe == AUTO else config.recipe
+
+
 def recipe_card(config: Any, plan: Any, train_preprocessing: Any) -> dict[str, Any]:
     """What a checkpoint's card records of the recipe, beside model_card's fields."""
     schedule = config.stage_schedule()
     return {
-        "recipe": config.recipe,
+        "recipe": preset_name(config),
         "schedule": format_schedule(schedule) if schedule else None,
         "ema": plan.ema_decay is not None,
         "tta": config.tta,
@@ -127,7 +143,7 @@ def recipe_results(config: Any, module: Any, epochs_run: int) -> dict[str, Any]:
     schedule = config.stage_schedule()
     unfreeze = module.plan.unfreeze
     return {
-        "recipe": config.recipe,
+        "recipe": preset_name(config),
         "schedule": format_schedule(schedule) if schedule else None,
         # The stages that started training within the epochs run, e.g. [[0, "head"],
         # [1, "features.0"]]: the schedule is a function of the epoch, so a resumed run

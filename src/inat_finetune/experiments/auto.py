@@ -1,0 +1,383 @@
+"""``--recipe auto``, the default of ``train``: choose a recipe from the data, then train it.
+
+The rule for what the user pins: ``auto`` chooses only what was left open. A ``--strategy``, a
+stage schedule (``--train-from``, ``--lp-epochs``, ``--unfreeze-schedule``) or ``--lr-find``
+says what trains, so the run is then one ordinary run of that (as ``--recipe bn_head`` with
+those options: the built-in defaults); any other option given (``--lr``, ``--img-size``,
+``--augment``...) holds for every candidate, over the candidate's own preset; ``--epochs``
+given is the number of epochs of the final training (else the epochs validation chose).
+
+Otherwise ``choose_and_train``:
+
+1. splits the data as every run does (``split_for_run``); under ``auto_plan.SMALL_DATA``
+   labelled images it pools train + validation into stratified folds (``auto_plan``);
+2. runs the candidates of ``auto_plan.CANDIDATES`` by successive halving within ``--budget``,
+   each candidate run an ordinary ``training.train`` on one fold (train = the other folds,
+   validation = the fold), kept under ``<run>/candidates/`` without its checkpoints; the choice
+   reads validation accuracy only (candidate runs also test, as every run does, but their test
+   scores are never read here);
+3. trains the winner once more (``--refit``, on by default on small data) on every labelled
+   image, train + validation, for the epochs validation chose; that run is the run directory
+   ``train`` returns, its ``best.ckpt`` the model predict loads, its test accuracy the one
+   reported. The refit has no held-out images: its "validation" is the labelled images
+   themselves, so ``best_val_acc`` there is an in-sample score, marked so in ``auto.refit``.
+   Without refit the winner trains again on the given train/validation split.
+
+``results.json`` of that run gains ``auto``: the candidates, their rounds, epochs, seconds and
+validation scores per fold, the winner and why; the report shows it as a section. Its
+``config.yaml`` is the winner's (recipe, options, epochs): passed back with ``--config`` it
+trains the winner once on the original train/validation split, without choosing again.
+
+``auto`` runs in one process (``--devices`` above 1 is refused with the fix). The probe
+candidate goes through ``training.train`` once per fold, whose per-run cost (a checkpoint written
+per epoch, the test pass) is most of its time on small data; a probe scored on all folds by one
+function over the cached features replaces it when ``--recipe probe`` lands.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.callbacks import Callback
+
+from inat_finetune.data.folders import DataSplit
+from inat_finetune.errors import UserError
+from inat_finetune.experiments.auto_plan import (
+    CANDIDATES,
+    K_FOLDS,
+    LAST_STAGES,
+    SMALL_DATA,
+    Candidate,
+    Halving,
+    Scored,
+    parse_budget,
+    stratified_folds,
+    successive_halving,
+)
+from inat_finetune.models.backbones import get_model
+from inat_finetune.models.stages import backbone_stages
+from inat_finetune.runfiles import new_run_dir, read_json, write_json_atomic
+from inat_finetune.runtime.distributed import plan_world
+from inat_finetune.runtime.hardware import resolve_accelerator
+from inat_finetune.training import run as training_run
+from inat_finetune.training.config import TrainConfig, given_options, with_recipe
+from inat_finetune.training.outputs import write_figures_and_report
+from inat_finetune.training.recipes import AUTO, recipe_values
+from inat_finetune.training.setup import split_for_run
+
+log = logging.getLogger(__name__)
+
+
+# Options that say what trains: given, auto runs that one configuration (module docstring).
+PINS_WHAT_TRAINS = ("strategy", "train_from", "lp_epochs", "unfreeze_schedule")
+
+
+CANDIDATES_DIR = "candidates"
+
+
+def pins_what_trains(config: TrainConfig) -> bool:
+    """Whether the user said what trains, so that ``auto`` has nothing to choose."""
+    given = config.model_fields_set
+    return any(name in given for name in PINS_WHAT_TRAINS) or config.lr_find
+
+
+def train_or_choose(
+    config: TrainConfig,
+    split: DataSplit | None = None,
+    progress: bool = True,
+    report: bool = True,
+) -> training_run.RunResult:
+    """``train``'s entry point: ``choose_and_train`` for ``--recipe auto`` with nothing pinned,
+    else one ordinary run (``auto`` with what trains pinned runs as the built-in defaults)."""
+    if config.recipe != AUTO:
+        return training_run.train(config, split=split, progress=progress, report=report)
+    if pins_what_trains(config):
+        plain = config.model_copy(update={"recipe": None})
+        return training_run.train(plain, split=split, progress=progress, report=report)
+    return choose_and_train(config, split=split, progress=progress, report=report)
+
+
+def labelled(split: DataSplit) -> dict[str, list[str]]:
+    """Train and validation images together, per class: what the folds and the refit use."""
+    return {
+        name: sorted(split.train.get(name, []) + split.val.get(name, [])) for name in split.classes
+    }
+
+
+def fold_splits(split: DataSplit, seed: int) -> list[DataSplit]:
+    """K stratified folds of train + validation on small data, else the given split alone."""
+    pooled = labelled(split)
+    if sum(map(len, pooled.values())) >= SMALL_DATA:
+        return [split]
+    folds = stratified_folds(pooled, K_FOLDS, seed)
+    made = []
+    for fold in folds:
+        held = {name: set(files) for name, files in fold.items()}
+        train = {n: [f for f in files if f not in held.get(n, ())] for n, files in pooled.items()}
+        made.append(replace(split, train=train, val={n: fold.get(n, []) for n in split.classes}))
+    return made
+
+
+def refit_split(split: DataSplit) -> DataSplit:
+    """Every labelled image trains (and is the in-sample "validation"); the test set is kept."""
+    pooled = labelled(split)
+    return replace(split, train=pooled, val=pooled)
+
+
+def resolve_options(candidate: Candidate, backbone: str, classes: int) -> dict[str, Any]:
+    """The candidate's options with ``LAST_STAGES`` named for this backbone's stages."""
+    options = dict(candidate.options)
+    if options.get("train_from") == LAST_STAGES:
+        built = get_model(backbone, num_classes=classes, weights="none")
+        stages = backbone_stages(built.model, built.head)
+        options["train_from"] = stages[max(0, len(stages) - 3)].name  # two before the head
+    return options
+
+
+def min_epochs(candidate: Candidate) -> int:
+    """A linear-probe-then-fine-tune preset needs an epoch after its probe epochs."""
+    preset = {**recipe_values(candidate.recipe), **candidate.options}
+    return int(preset.get("lp_epochs", 0) or 0) + 1
+
+
+class DeadlineStop(Callback):
+    """Ends a candidate's training at the time budget's deadline (after the current step:
+    Lightning still validates the epoch it stopped in, so the candidate has a score)."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+
+    def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+        if time.perf_counter() >= self.deadline:
+            trainer.should_stop = True
+
+
+class CandidateRunner:
+    """Trains one candidate for a round on its folds (``evaluate`` for successive halving).
+
+    With a time budget, ``deadline`` (a ``time.perf_counter`` value) ends the choice: a training
+    under way stops at its next step, and no fold starts after it once any fold has a score, so
+    a candidate never started has no folds (and ranks last)."""
+
+    def __init__(
+        self, config: TrainConfig, split: DataSplit, where: Path, deadline: float | None = None
+    ) -> None:
+        self.config, self.where, self.deadline = config, where, deadline
+        self.scored_any = False
+        self.folds = fold_splits(split, config.seed)
+        self.table = {c.name: c for c in CANDIDATES}
+        self.options = {
+            c.name: resolve_options(c, config.backbone, len(split.classes)) for c in CANDIDATES
+        }
+        self.round_of: dict[str, int] = {}
+
+    def folds_for(self, candidate: Candidate) -> list[DataSplit]:
+        if candidate.image_folds is None or self.trains_on_features(candidate):
+            return self.folds
+        return self.folds[: candidate.image_folds]
+
+    def trains_on_features(self, candidate: Candidate) -> bool:
+        options = {**recipe_values(candidate.recipe), **self.options[candidate.name]}
+        settings = {**options, **given_options(self.config)}
+        return settings.get("strategy") == "freeze_last" and settings.get("augment") is False
+
+    def candidate_config(self, candidate: Candidate, epochs: int, name: str) -> TrainConfig:
+        return with_recipe(
+            self.config,
+            candidate.recipe,
+            self.options[candidate.name],
+            epochs=epochs,
+            output=str(self.where),
+            run_name=name,
+            wandb=False,
+        )
+
+    def evaluate(self, name: str, budget_epochs: int) -> Scored:
+        candidate = self.table[name]
+        round_ = self.round_of.get(name, -1) + 1
+        self.round_of[name] = round_
+        epochs = max(budget_epochs * candidate.epoch_scale, min_epochs(candidate))
+        started = time.perf_counter()
+        scores, best, runs = [], [], []
+        for index, fold in enumerate(self.folds_for(candidate)):
+            if self.out_of_time():
+                break
+            config = self.candidate_config(candidate, epochs, f"{name}-round{round_}-fold{index}")
+            stop = [DeadlineStop(self.deadline)] if self.deadline is not None else []
+            result = training_run.train(
+                config, split=fold, progress=False, report=False, callbacks=stop
+            )
+            self.scored_any = True
+            shutil.rmtree(result.run_dir / "checkpoints", ignore_errors=True)  # never loaded
+            scores.append(float(result.results["best_val_acc"]))
+            best.append(int(result.results.get("best_epoch") or 0) + 1)
+            runs.append(result.run_dir.name)
+        seconds = time.perf_counter() - started
+        if not scores:
+            log.info("auto: %s round %d not run: the time budget is spent", name, round_)
+            return Scored([], 0, seconds, [], {"runs": [], "not_run": "the time budget is spent"})
+        log.info(
+            "auto: %s round %d, %d epochs x %d fold(s): val acc %.2f%% (%.1f s)",
+            name,
+            round_,
+            epochs,
+            len(scores),
+            100 * sum(scores) / len(scores),
+            seconds,
+        )
+        return Scored(scores, epochs, seconds, best, {"runs": runs})
+
+    def out_of_time(self) -> bool:
+        """Past the deadline, once something has a score (the first fold always runs)."""
+        return (
+            self.deadline is not None and self.scored_any and time.perf_counter() >= self.deadline
+        )
+
+
+def choose_and_train(
+    config: TrainConfig,
+    split: DataSplit | None = None,
+    progress: bool = True,
+    report: bool = True,
+) -> training_run.RunResult:
+    """Choose a recipe by successive halving on validation folds, then train the winner on all
+    labelled images (or the given split); see the module docstring."""
+    if config.data is None and split is None:
+        raise UserError("--data is required: the folder that holds the images")
+    world = plan_world(config.devices, config.num_nodes, resolve_accelerator(config.accelerator))
+    if world.processes > 1:
+        raise UserError(
+            f"--recipe auto runs in one process, not {world.processes}: pass --devices 1, or "
+            "a recipe (--recipe strong) or --strategy to train on several devices"
+        )
+    split = split_for_run(config, progress, given=split)
+    count = sum(map(len, labelled(split).values()))
+    budget = parse_budget(config.budget, count)
+    name = config.run_name or f"{config.backbone}-auto"
+    where = new_run_dir(config.output, f"{name}-{CANDIDATES_DIR}")
+    deadline = time.perf_counter() + 60 * budget.amount if budget.unit == "m" else None
+    runner = CandidateRunner(config, split, where, deadline)
+    log.info(
+        "auto: %d candidates, %s, scored on %s; budget %s",
+        len(CANDIDATES),
+        ", ".join(c.name for c in CANDIDATES),
+        f"{len(runner.folds)} folds of train+val" if len(runner.folds) > 1 else "the val split",
+        budget.describe(),
+    )
+    halving = successive_halving([c.name for c in CANDIDATES], runner.evaluate, budget)
+    winner = runner.table[halving.winner]
+    refit = config.refit if config.refit is not None else count < SMALL_DATA
+    epochs = final_epochs(config, winner, halving)
+    final_config = with_recipe(
+        config,
+        winner.recipe,
+        runner.options[winner.name],
+        epochs=epochs,
+        run_name=name,
+    )
+    started = time.perf_counter()
+    final_split = refit_split(split) if refit else split
+    result = training_run.train(final_config, split=final_split, progress=progress, report=False)
+    refit_seconds = time.perf_counter() - started
+    moved = result.run_dir / CANDIDATES_DIR
+    shutil.move(str(where), str(moved))
+    summary = auto_summary(runner, halving, budget, refit, epochs, refit_seconds, final_split)
+    results = {**read_json(result.run_dir / "results.json"), "auto": summary}
+    write_json_atomic(result.run_dir / "results.json", results)
+    if report:
+        write_figures_and_report(result.run_dir)
+    return training_run.RunResult(run_dir=result.run_dir, results=results)
+
+
+def final_epochs(config: TrainConfig, winner: Candidate, halving: Halving) -> int:
+    """``--epochs`` when given, else the mean best epoch of the winner's last round."""
+    if "epochs" in config.model_fields_set:
+        return max(config.epochs, min_epochs(winner))
+    best = halving.rounds[-1][winner.name].best_epochs or [1]
+    return max(round(sum(best) / len(best)), min_epochs(winner))
+
+
+def auto_summary(
+    runner: CandidateRunner,
+    halving: Halving,
+    budget: Any,
+    refit: bool,
+    epochs: int,
+    refit_seconds: float,
+    final_split: DataSplit,
+) -> dict[str, Any]:
+    """results.json's ``auto``: every candidate's rounds, the winner and why it won."""
+    candidates = []
+    for candidate in CANDIDATES:
+        rounds = [
+            {
+                "round": index,
+                "epochs": scores[candidate.name].epochs,
+                "folds": len(scores[candidate.name].fold_val_acc),
+                "fold_val_acc": scores[candidate.name].fold_val_acc,
+                "val_acc": scores[candidate.name].val_acc,
+                "best_epochs": scores[candidate.name].best_epochs,
+                "seconds": round(scores[candidate.name].seconds, 2),
+                "runs": scores[candidate.name].extra.get("runs", []),
+                "not_run": scores[candidate.name].extra.get("not_run"),
+            }
+            for index, scores in enumerate(halving.rounds)
+            if candidate.name in scores
+        ]
+        candidates.append(
+            {
+                "name": candidate.name,
+                "about": candidate.about,
+                "recipe": candidate.recipe,
+                "options": runner.options[candidate.name],
+                "rounds": rounds,
+                "epochs_trained": sum(r["epochs"] * r["folds"] for r in rounds),
+                "stopped_after_round": halving.stopped_after[candidate.name],
+                "seconds": round(sum(r["seconds"] for r in rounds), 2),
+            }
+        )
+    return {
+        "candidates": candidates,
+        "winner": halving.winner,
+        "why": why_winner(halving),
+        "selected_by": "val_acc",
+        "scored_on": f"{len(runner.folds)}-fold stratified cross-validation of train+val"
+        if len(runner.folds) > 1
+        else "the validation split",
+        "folds": len(runner.folds),
+        "budget": budget.describe(),
+        "budget_epochs_used": halving.budget_epochs_used,
+        "halving_stopped": halving.why_stopped,
+        "choice_seconds": round(halving.seconds, 2),
+        "candidates_dir": CANDIDATES_DIR,
+        "refit": {
+            "on": refit,
+            "epochs": epochs,
+            "train_images": sum(map(len, final_split.train.values())),
+            "val_is_train": refit,  # the refit's best_val_acc is in-sample
+            "seconds": round(refit_seconds, 2),
+        },
+    }
+
+
+def why_winner(halving: Halving) -> str:
+    """One sentence: the winner's score in the last round, against the best of the others."""
+    last = halving.rounds[-1]
+    winner = halving.winner
+    text = (
+        f"{winner}: highest mean validation accuracy in round {len(halving.rounds) - 1} "
+        f"({100 * last[winner].val_acc:.2f}% over {len(last[winner].fold_val_acc)} fold(s))"
+    )
+    others = [(n, s) for n, s in last.items() if n != winner]
+    if not others:  # it was the last one standing: name the best it beat in the round before
+        earlier = halving.rounds[-2] if len(halving.rounds) > 1 else {}
+        others = [(n, s) for n, s in earlier.items() if n != winner]
+    if others:
+        name, scored = max(others, key=lambda item: item[1].val_acc)
+        text += f", ahead of {name} ({100 * scored.val_acc:.2f}%)"
+    return text

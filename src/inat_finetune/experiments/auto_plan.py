@@ -1,0 +1,207 @@
+"""What ``--recipe auto`` tries and how it spends its budget: the candidates, the folds, and
+successive halving. No training here (``experiments/auto.py`` runs the candidates), so each
+decision can be tested with cheap fake candidates.
+
+* ``CANDIDATES`` is the one table of candidate recipes: a name, a recipe preset of
+  ``training/recipes.py`` (or None) and options over it, and how many epochs the candidate trains
+  per budget epoch (``epoch_scale``: a candidate on cached features costs a few milliseconds per
+  epoch, so it gets more of them). ``LAST_STAGES`` in its options stands for the stage two
+  before the head (``train_from`` the last two backbone stages), resolved per backbone.
+* Folds: under ``SMALL_DATA`` labelled images (train + validation), candidates are scored by
+  ``K_FOLDS``-fold stratified cross-validation on train + validation, seeded by ``--seed``; else
+  on the given train/validation split (one fold). A candidate that trains on images (not on
+  cached features) is scored on its first ``image_folds`` folds only: five passes of fine-tuning
+  per round cost more than the whole target run on two cores, and one fold of an 80/20 split is
+  the single split every other recipe is chosen on.
+* Successive halving (Jamieson and Talwalkar 2016): round r trains every surviving candidate
+  for ``first_epochs * 2**r`` budget epochs from scratch; the better half (by mean validation
+  accuracy over its folds, ties to the earlier candidate in the table) goes on, until one is
+  left or the next round does not fit the budget. An epoch budget (``20e``) counts budget epochs
+  summed over candidates and rounds; a time budget (``10m``) stops before a round that the
+  seconds per budget epoch measured so far say would not fit, and ``experiments/auto.py`` stops
+  a training under way at the deadline (the first candidate's first fold always gets a score).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from inat_finetune.errors import UserError
+
+SMALL_DATA = 2000  # labelled images under which auto scores by k-fold and refits by default
+
+
+K_FOLDS = 5
+
+
+LAST_STAGES = "<last two stages>"  # resolved to the stage two before the head, per backbone
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    recipe: str | None
+    options: dict[str, Any]
+    epoch_scale: int = 1  # epochs trained per budget epoch
+    image_folds: int | None = 1  # folds scored when it trains on images; None: all
+    about: str = ""
+
+
+# The one table of candidates (edit here). At the merge of `--recipe probe`, the probe's row
+# becomes Candidate("probe", "probe", {}, ...).
+CANDIDATES: tuple[Candidate, ...] = (
+    Candidate(
+        "probe",
+        None,
+        {"strategy": "freeze_last", "augment": False},
+        epoch_scale=5,
+        image_folds=None,
+        about="linear probe on cached features",
+    ),
+    Candidate("bn_head", "bn_head", {}, about="BatchNorm + head, augmented (the old default)"),
+    Candidate("lp_ft", "strong", {}, about="LP-FT: the strong recipe"),
+    Candidate(
+        "last_stages",
+        None,
+        {
+            "train_from": LAST_STAGES,
+            "lr_schedule": "onecycle",
+            "optimizer": "adamw",
+            "weight_decay": 0.01,
+            "backbone_lr_scale": 0.1,
+        },
+        about="the last two stages and the head, one-cycle schedule",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Budget:
+    amount: float
+    unit: str  # "e": budget epochs; "m": minutes
+
+    def describe(self) -> str:
+        return f"{self.amount:g} {'epochs' if self.unit == 'e' else 'minutes'}"
+
+
+def parse_budget(text: str | None, labelled: int) -> Budget:
+    """``--budget``: ``10m`` or ``20e``; by default 8 epochs on small data, else 4.
+
+    The defaults keep the whole default run cheap on two CPU cores: 16 epochs on hymenoptera
+    (244 photos, 224 px, mobilenet_v2) cost 305 CPU seconds; 8 give round 0 one epoch per
+    fine-tuning candidate (LP-FT two) and round 1 two, and the probe half the epochs.
+    """
+    if text is None:
+        return Budget(8.0 if labelled < SMALL_DATA else 4.0, "e")
+    found = re.fullmatch(r"(\d+(?:\.\d+)?)([me])", text.strip())
+    if found is None or float(found.group(1)) <= 0:
+        raise UserError(f"--budget {text}: give minutes like 10m or candidate epochs like 20e")
+    return Budget(float(found.group(1)), found.group(2))
+
+
+def stratified_folds(
+    by_class: dict[str, list[str]], k: int, seed: int
+) -> list[dict[str, list[str]]]:
+    """``k`` disjoint validation folds covering every image once, each class spread evenly.
+
+    Each class is shuffled by its own generator seeded by (seed, class name), then dealt round
+    the folds starting where the previous class stopped, so fold sizes differ by one at most.
+    """
+    folds: list[dict[str, list[str]]] = [{} for _ in range(k)]
+    start = 0
+    for name in sorted(by_class):
+        files = sorted(by_class[name])
+        random.Random(f"{seed}-{name}").shuffle(files)
+        for i, path in enumerate(files):
+            folds[(start + i) % k].setdefault(name, []).append(path)
+        start = (start + len(files)) % k
+    return [{name: sorted(files) for name, files in fold.items()} for fold in folds]
+
+
+def first_epochs(budget: Budget, candidates: int) -> int:
+    """Budget epochs of round 0: an epoch budget spread over the rounds halving needs."""
+    if budget.unit != "e":
+        return 1
+    rounds = max(1, math.ceil(math.log2(candidates))) if candidates > 1 else 1
+    return max(1, int(budget.amount // (candidates * rounds)))
+
+
+@dataclass
+class Scored:
+    """One candidate's result in one round: validation accuracy per fold, and what it took."""
+
+    fold_val_acc: list[float]
+    epochs: int
+    seconds: float
+    best_epochs: list[int] = field(default_factory=list)  # per fold, counted from 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def val_acc(self) -> float:
+        """Mean over the folds; 0 for a candidate the time budget left no time to run."""
+        if not self.fold_val_acc:
+            return 0.0
+        return sum(self.fold_val_acc) / len(self.fold_val_acc)
+
+
+@dataclass
+class Halving:
+    """What successive halving did: every round's scores, who stopped when, the winner."""
+
+    rounds: list[dict[str, Scored]]
+    stopped_after: dict[str, int]  # candidate -> last round it trained in
+    winner: str
+    budget_epochs_used: int
+    seconds: float
+    why_stopped: str
+
+
+def successive_halving(
+    names: Sequence[str],
+    evaluate: Callable[[str, int], Scored],
+    budget: Budget,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Halving:
+    """Run ``evaluate(name, budget_epochs)`` round by round, halving the field; see the module."""
+    started = clock()
+    alive = list(names)
+    epochs = first_epochs(budget, len(alive))
+    rounds: list[dict[str, Scored]] = []
+    stopped: dict[str, int] = {}
+    used = 0
+    why = "one candidate left"
+    while True:
+        scores = {name: evaluate(name, epochs) for name in alive}
+        rounds.append(scores)
+        used += epochs * len(alive)
+        ranked = sorted(alive, key=lambda n: (-scores[n].val_acc, alive.index(n)))
+        if len(ranked) == 1:
+            break
+        keep = ranked[: max(1, len(ranked) // 2)]
+        for name in ranked[len(keep) :]:
+            stopped[name] = len(rounds) - 1
+        alive, epochs = keep, epochs * 2
+        if len(alive) == 1:
+            break
+        next_cost = epochs * len(alive)
+        if not fits(budget, used, next_cost, clock() - started):
+            why = f"the budget ({budget.describe()}) does not fit another round"
+            break
+    winner = max(alive, key=lambda n: (rounds[-1][n].val_acc, -alive.index(n)))
+    for name in alive:
+        stopped[name] = len(rounds) - 1
+    return Halving(rounds, stopped, winner, used, clock() - started, why)
+
+
+def fits(budget: Budget, used: int, next_cost: int, elapsed_s: float) -> bool:
+    """Whether a round of ``next_cost`` budget epochs fits what is left of the budget."""
+    if budget.unit == "e":
+        return used + next_cost <= budget.amount
+    per_epoch = elapsed_s / max(used, 1)
+    return elapsed_s + per_epoch * next_cost <= budget.amount * 60
