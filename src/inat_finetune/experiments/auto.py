@@ -65,8 +65,9 @@ from inat_finetune.runfiles import new_run_dir, read_json, write_json_atomic
 from inat_finetune.runtime.distributed import plan_world
 from inat_finetune.runtime.hardware import resolve_accelerator
 from inat_finetune.training import run as training_run
-from inat_finetune.training.config import TrainConfig, given_options, with_recipe
+from inat_finetune.training.config import TrainConfig
 from inat_finetune.training.outputs import write_figures_and_report
+from inat_finetune.training.recipe_configs import given_options, with_recipe
 from inat_finetune.training.recipes import AUTO, recipe_values
 from inat_finetune.training.setup import split_for_run
 

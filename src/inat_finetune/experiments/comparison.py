@@ -31,8 +31,9 @@ from inat_finetune.errors import UserError
 from inat_finetune.models.freezing import STRATEGIES
 from inat_finetune.runfiles import new_run_dir, write_json_atomic, write_text_atomic
 from inat_finetune.runtime.distributed import broadcast_from_zero, shared_directory
-from inat_finetune.training.config import TrainConfig, with_recipe
+from inat_finetune.training.config import TrainConfig
 from inat_finetune.training.outputs import write_figures_and_report
+from inat_finetune.training.recipe_configs import with_recipe
 from inat_finetune.training.recipes import AUTO, RECIPES
 from inat_finetune.training.run import train
 from inat_finetune.training.setup import prepare_processes, split_for_run

@@ -18,51 +18,23 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from inat_finetune.errors import UserError
 from inat_finetune.models.ensembles import is_ensemble, member_names
 from inat_finetune.models.freezing import STRATEGIES
+from inat_finetune.training.bounds import (
+    MAX_BATCH,
+    MAX_EPOCHS,
+    MAX_FLOAT32,
+    MAX_IMG_SIZE,
+    MAX_LR,
+    MAX_LR_SCALE,
+    MAX_MINUTES,
+    MAX_MIX_ALPHA,
+    MAX_NODES,
+    MAX_SEED,
+    MAX_STEPS,
+    MAX_WEIGHT_DECAY,
+    MAX_WORKERS,
+)
 
 STAGED = "staged"  # the strategy of a run whose stage schedule decides what trains
-
-
-# Upper bounds of the numeric options (see TrainConfig). Each is far above any sensible value
-# and below where the value breaks something: numpy seeds are 32-bit, torch keeps lr and
-# weight decay as float32 scalars (3.4e38), datetime.timedelta ends at 1e9 days, and an image
-# side beyond a few thousand pixels does not fit a batch in memory.
-MAX_SEED = 2**32 - 1
-
-
-MAX_EPOCHS = 1_000_000
-
-
-MAX_BATCH = 1_000_000
-
-
-MAX_STEPS = 10**12
-
-
-MAX_LR = 100.0
-
-
-MAX_LR_SCALE = 1000.0
-
-
-MAX_WEIGHT_DECAY = 100.0
-
-
-MAX_MIX_ALPHA = 1000.0
-
-
-MAX_IMG_SIZE = 4096
-
-
-MAX_WORKERS = 1024
-
-
-MAX_NODES = 100_000
-
-
-MAX_MINUTES = 1e6  # about two years
-
-
-MAX_FLOAT32 = 3.4e38
 
 
 # How the command line offers a field (cli/options.py generates the `train` and `compare`
@@ -475,30 +447,6 @@ def why_not_for_an_ensemble(config: TrainConfig) -> str | None:
     if config.weights not in ("DEFAULT", "none"):
         return f"{ensemble}, each with its default ImageNet weights; drop --weights"
     return None
-
-
-def given_options(config: TrainConfig) -> dict[str, Any]:
-    """The options set explicitly (a keyword, the command line, a --config file or a recipe)."""
-    return {name: getattr(config, name) for name in config.model_fields_set}
-
-
-def with_recipe(
-    config: TrainConfig,
-    recipe: str | None,
-    options: dict[str, Any] | None = None,
-    **changes: Any,
-) -> TrainConfig:
-    """``config`` under another recipe: the recipe's preset and ``options`` over it, then what
-    ``config`` was given explicitly (it wins, as on the command line), then ``changes``."""
-    from inat_finetune.training.recipes import merge_layers, recipe_values
-
-    given = {k: v for k, v in given_options(config).items() if k != "recipe"}
-    layers = [recipe_values(recipe), options or {}, given, {"recipe": recipe, **changes}]
-    values = merge_layers(layers)
-    try:
-        return TrainConfig(**values)
-    except ValidationError as exc:
-        raise UserError(explain_validation_error(exc, f"--recipe {recipe}")) from None
 
 
 def explain_validation_error(error: ValidationError, source: str) -> str:
