@@ -239,8 +239,10 @@ class TrainConfig(BaseModel):
     )
 
     # Fine-tuning recipes (issue 6): see training/recipes.py, models/stages.py, tasks/optim.py, data/augment.py, data/tta.py.
-    recipe: Literal["seed", "strong"] | None = Field(
-        None, description="preset: seed (the original write-up) or strong; options override it"
+    recipe: Literal["seed", "strong", "probe"] | None = Field(
+        None,
+        description="preset: seed (the original write-up), strong, or probe (a linear probe "
+        "fitted on cached features, weight decay by CV); options override it",
     )
     train_from: str | None = Field(
         None, description="train from this stage on (layer3, features.14, all); see errors"

@@ -1,4 +1,4 @@
-"""Presets of options: ``seed`` (the original write-up) and ``strong`` (the best shown here).
+"""Presets of options: ``seed`` (the original write-up), ``strong`` (the best shown here), ``probe``.
 
 A recipe only fills in defaults. Precedence, highest first: command-line option, ``--config``
 YAML file, recipe, built-in default. A few options go together, and a layer that sets one of
@@ -23,6 +23,13 @@ of the head alone, then the whole network) with AdamW at 3e-3 for the head and 1
 backbone, warmup then cosine decay, label smoothing 0.1, no decay on norms and biases,
 TrivialAugment and random erasing, gradient clipping, frozen BatchNorm kept in eval mode
 during the probe, and flip test-time augmentation.
+
+``probe`` is the linear probe on cached features, fitted by L-BFGS with its weight decay (and
+the use of mirror images: extra training rows, flip TTA) chosen by 5-fold cross-validation on
+the training split (``tasks/linear_probe.py``, ``training/probe_run.py``). Fitted that way on
+hymenoptera's MobileNetV2 features (all of train/), it scored 96.1% test against fastai's
+frozen ``fit_one_cycle`` 95.0 and the Adam-trained head (``--strategy freeze_last
+--no-augment``) 93.7.
 """
 
 from __future__ import annotations
@@ -73,6 +80,17 @@ RECIPES: dict[str, dict[str, Any]] = {
         "augmentation": "trivialaugment",
         "random_erasing": 0.25,
         "tta": "flip",
+    },
+    # Fitted in closed form on cached features (training/probe_run.py): what trains and what
+    # would stop the cache are fixed; lr, epochs, batch and weight decay play no part (the
+    # weight decay is chosen by cross-validation on the training split).
+    "probe": {
+        "strategy": "freeze_last",
+        "frozen_bn": "eval",
+        "augment": False,
+        "feature_cache": True,
+        "tta": "none",
+        "epochs": 1,
     },
 }
 
