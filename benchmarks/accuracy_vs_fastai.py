@@ -156,7 +156,8 @@ def run_ours(
     if epochs is not None:
         command += ["--epochs", str(epochs)]
     seconds, _ = timed(command, env)
-    results = json.loads((output / "run" / "results.json").read_text())
+    (results_file,) = output.glob("*-run/results.json")  # run directories are timestamped
+    results = json.loads(results_file.read_text())
     return {"test_acc": results["test_acc"], "seconds": seconds}
 
 

@@ -162,3 +162,11 @@ def test_test_labels_never_affect_the_choice(probe_runs: tuple[Path, Path]):
     assert first["linear_probe"] == second["linear_probe"]
     assert first["confusion_matrix"] != second["confusion_matrix"]  # the labels did change
     assert predictions_of(probe_runs[0]) == predictions_of(probe_runs[1])
+
+
+def test_recipe_probe_refuses_options_that_rule_out_cached_features():
+    from inat_finetune.errors import UserError
+
+    assert load_config(None, recipe="probe").feature_cache
+    with pytest.raises(UserError, match="--augment, --no-feature-cache"):
+        load_config(None, recipe="probe", augment=True, feature_cache=False)

@@ -371,6 +371,24 @@ class TrainConfig(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _probe_needs_cached_features(self) -> TrainConfig:
+        if self.recipe != "probe":
+            return self
+        clashes = {
+            "--augment": self.augment,
+            f"--tta {self.tta}": self.tta != "none",
+            "--no-feature-cache": not self.feature_cache,
+            f"--strategy {self.strategy}": self.strategy != "freeze_last",
+        }
+        given = [option for option, clash in clashes.items() if clash]
+        if given:
+            raise ValueError(
+                f"recipe probe fits the head on cached features of a frozen backbone, which "
+                f"{', '.join(given)} rule(s) out; drop them or use another --recipe"
+            )
+        return self
+
     def stage_schedule(self) -> list[tuple[int, str]] | None:
         """What trains from which epoch, when a stage schedule decides it; else None."""
         from inat_finetune.models.stages import ALL, HEAD, parse_schedule
