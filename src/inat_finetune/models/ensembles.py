@@ -140,3 +140,30 @@ class FeatureEnsemble(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.cat(self.member_features(images), dim=1))
+
+
+def why_not_for_an_ensemble(
+    backbone: str, strategy: str, staged: bool, frozen_bn: str, weights: str
+) -> str | None:
+    """What an ensemble (``--backbone a,b``) cannot do in a run: its members are frozen with
+    their own weights, so only the head can train. None when ``backbone`` is one network."""
+    if not is_ensemble(backbone):
+        return None
+    member_names(backbone)  # a UserError for a malformed list
+    ensemble = f"--backbone {backbone} is a feature ensemble of frozen backbones"
+    if staged:
+        return (
+            f"{ensemble}, which no stage schedule can unfreeze; drop --train-from, "
+            "--lp-epochs and --unfreeze-schedule (--recipe strong sets them) and use "
+            "--strategy freeze_last"
+        )
+    if strategy != "freeze_last":
+        return (
+            f"{ensemble}: only its head trains; use --strategy freeze_last "
+            f"instead of --strategy {strategy}"
+        )
+    if frozen_bn != "eval":
+        return f"{ensemble}, which keeps its ImageNet BatchNorm statistics; use --frozen-bn eval"
+    if weights not in ("DEFAULT", "none"):
+        return f"{ensemble}, each with its default ImageNet weights; drop --weights"
+    return None

@@ -1,6 +1,16 @@
-"""The fine-tuning task as a Lightning module, and its optimisation plan."""
+"""The fine-tuning task as a Lightning module, its optimisation plan, and the linear probe
+on stored features."""
 
 from inat_finetune.tasks.classification import FineTuneModule
+from inat_finetune.tasks.linear_probe import ProbeFit, fit_probe, folds_for, probe_cv_score
 from inat_finetune.tasks.optim import TrainingPlan, plan_from_config
 
-__all__ = ["FineTuneModule", "TrainingPlan", "plan_from_config"]
+__all__ = [
+    "FineTuneModule",
+    "ProbeFit",
+    "TrainingPlan",
+    "fit_probe",
+    "folds_for",
+    "plan_from_config",
+    "probe_cv_score",
+]

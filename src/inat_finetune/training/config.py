@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from inat_finetune.errors import UserError
-from inat_finetune.models.ensembles import is_ensemble, member_names
+from inat_finetune.models.ensembles import why_not_for_an_ensemble
 from inat_finetune.models.freezing import STRATEGIES
 from inat_finetune.training.bounds import (
     MAX_BATCH,
@@ -33,6 +33,7 @@ from inat_finetune.training.bounds import (
     MAX_WEIGHT_DECAY,
     MAX_WORKERS,
 )
+from inat_finetune.training.recipes import merge_layers, recipe_values, why_not_for_the_probe
 
 STAGED = "staged"  # the strategy of a run whose stage schedule decides what trains
 
@@ -238,10 +239,11 @@ class TrainConfig(BaseModel):
     )
 
     # Fine-tuning recipes (issue 6): see training/recipes.py, models/stages.py, tasks/optim.py, data/augment.py, data/tta.py.
-    recipe: Literal["auto", "seed", "strong", "bn_head"] | None = Field(
+    recipe: Literal["auto", "seed", "strong", "bn_head", "probe"] | None = Field(
         "auto",
         description="auto (choose among candidates by validation), seed (the original "
-        "write-up), strong, or bn_head (BatchNorm + head); options override it",
+        "write-up), strong, bn_head (BatchNorm + head), or probe (a linear probe fitted on "
+        "cached features, weight decay by CV); options override it",
     )
     budget: str | None = Field(
         None,
@@ -397,9 +399,19 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _ensemble_trains_its_head_only(self) -> TrainConfig:
-        why = why_not_for_an_ensemble(self)
+        why = why_not_for_an_ensemble(
+            self.backbone, self.strategy, self.strategy == STAGED, self.frozen_bn, self.weights
+        )
         if why is not None:
             raise ValueError(why)
+        return self
+
+    @model_validator(mode="after")
+    def _probe_needs_cached_features(self) -> TrainConfig:
+        if self.recipe == "probe":
+            why = why_not_for_the_probe(self.augment, self.tta, self.feature_cache, self.strategy)
+            if why is not None:
+                raise ValueError(why)
         return self
 
     def stage_schedule(self) -> list[tuple[int, str]] | None:
@@ -424,31 +436,6 @@ class TrainConfig(BaseModel):
         return self.model_dump(mode="json")
 
 
-def why_not_for_an_ensemble(config: TrainConfig) -> str | None:
-    """What an ensemble (``--backbone a,b``, ``models/ensembles.py``) cannot do in this run:
-    its members are frozen with their own weights, so only the head can train."""
-    if not is_ensemble(config.backbone):
-        return None
-    member_names(config.backbone)  # a UserError for a malformed list
-    ensemble = f"--backbone {config.backbone} is a feature ensemble of frozen backbones"
-    if config.strategy == STAGED:
-        return (
-            f"{ensemble}, which no stage schedule can unfreeze; drop --train-from, "
-            "--lp-epochs and --unfreeze-schedule (--recipe strong sets them) and use "
-            "--strategy freeze_last"
-        )
-    if config.strategy != "freeze_last":
-        return (
-            f"{ensemble}: only its head trains; use --strategy freeze_last "
-            f"instead of --strategy {config.strategy}"
-        )
-    if config.frozen_bn != "eval":
-        return f"{ensemble}, which keeps its ImageNet BatchNorm statistics; use --frozen-bn eval"
-    if config.weights not in ("DEFAULT", "none"):
-        return f"{ensemble}, each with its default ImageNet weights; drop --weights"
-    return None
-
-
 def explain_validation_error(error: ValidationError, source: str) -> str:
     first = error.errors()[0]
     option = ".".join(str(p) for p in first["loc"]) or "config"
@@ -462,8 +449,6 @@ def explain_validation_error(error: ValidationError, source: str) -> str:
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
     """Defaults, then the recipe, then the YAML file, then every override that is not None."""
-    from inat_finetune.training.recipes import merge_layers, recipe_values
-
     values: dict[str, Any] = {}
     source = "options"
     if path is not None:

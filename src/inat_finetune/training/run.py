@@ -68,6 +68,7 @@ from inat_finetune.tasks.optim import plan_from_config
 from inat_finetune.training.config import TrainConfig
 from inat_finetune.training.fitting import build_trainer, collect_results, fit_and_test
 from inat_finetune.training.outputs import write_outputs, write_run_files
+from inat_finetune.training.probe_run import PROBE_RECIPE, probe_and_test
 from inat_finetune.training.recipes import recipe_card
 from inat_finetune.training.runlock import run_lock
 from inat_finetune.training.setup import check_before_building, prepare_processes, split_for_run
@@ -128,10 +129,16 @@ def train(
         prepared = PreparedRun(config, split, processes, model, run, module, batch, speed)
         log_run_plan(prepared)
         trainer, checkpoint = build_trainer(prepared, callbacks, progress)
-        fitted = fit_and_test(prepared, trainer, checkpoint, ckpt_path)
+        if config.recipe == PROBE_RECIPE:
+            images = build_datamodule(config, split, model, processes.accelerator)
+            fitted = probe_and_test(prepared, trainer, checkpoint, images, progress)
+        else:
+            fitted = fit_and_test(prepared, trainer, checkpoint, ckpt_path)
         if fitted.lr_find_only is not None:
             return RunResult(run_dir=run.path, results={"lr_find": fitted.lr_find_only})
         results = collect_results(prepared, trainer, checkpoint, fitted)
+        if fitted.probe is not None:
+            results.update(epochs=1, best_epoch=0, linear_probe=fitted.probe)
         if processes.zero:
             probabilities = module.test_report["probabilities"]
             write_outputs(

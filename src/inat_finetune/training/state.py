@@ -122,3 +122,4 @@ class Fitted:
     final_train_acc: float = float("nan")
     tested: dict[str, float] | None = None
     lr_find_only: dict[str, Any] | None = None
+    probe: dict[str, Any] | None = None  # --recipe probe: results.json's linear_probe
