@@ -157,9 +157,8 @@ def auto_config(tmp_path: Path, out: str):
     )
 
 
-def test_the_choice_never_reads_test_labels_and_the_refit_uses_all_labelled_images(
-    tmp_path, monkeypatch, two_candidates
-):
+def watch_the_refit(monkeypatch) -> tuple[SamplerRecord, list]:
+    """Record every training call's split, and what the final run's (the refit's) sampler yields."""
     record, calls = SamplerRecord(), []
     real_train = training_run.train
 
@@ -170,10 +169,20 @@ def test_the_choice_never_reads_test_labels_and_the_refit_uses_all_labelled_imag
         return real_train(config, split=split, **kwargs)
 
     monkeypatch.setattr(training_run, "train", watched)
+    return record, calls
+
+
+def labelled_and_test(split) -> tuple[set, set]:
+    labelled = {p for part in (split.train, split.val) for files in part.values() for p in files}
+    return labelled, {p for files in split.test.values() for p in files}
+
+
+def test_the_choice_never_reads_test_labels(tmp_path, monkeypatch, two_candidates):
+    record, calls = watch_the_refit(monkeypatch)
     clean = auto.choose_and_train(
         auto_config(tmp_path, "clean"), split=tiny_split(tmp_path), progress=False, report=False
     )
-    refit_split, refit_epochs = calls[-1][1], list(record.epochs)
+    refit_split = calls[-1][1]
     corrupt = auto.choose_and_train(
         auto_config(tmp_path, "corrupt"),
         split=tiny_split(tmp_path, corrupt_test=True),
@@ -189,11 +198,27 @@ def test_the_choice_never_reads_test_labels_and_the_refit_uses_all_labelled_imag
     assert scores[0] == scores[1]
     assert clean.results["test_acc"] + corrupt.results["test_acc"] == pytest.approx(1.0)
 
-    # The refit trained on every labelled image (train + validation), each once per epoch, and
-    # on no test image.
-    split = tiny_split(tmp_path)
-    labelled = {p for part in (split.train, split.val) for files in part.values() for p in files}
-    test = {p for files in split.test.values() for p in files}
+    # Whichever won (the probe, fitted, or bn_head, trained), the refit trained on every
+    # labelled image (train + validation) and on no test image.
+    labelled, test = labelled_and_test(tiny_split(tmp_path))
+    refit_train = {p for files in refit_split.train.values() for p in files}
+    assert refit_train == labelled and not refit_train & test
+    assert clean.results["auto"]["refit"]["train_images"] == len(labelled)
+    assert (clean.run_dir / "checkpoints" / "best.ckpt").is_file()
+
+
+def test_the_refit_sees_every_labelled_image_once_per_epoch(tmp_path, monkeypatch):
+    """A winner trained by epochs (bn_head alone here): the refit's sampler yields every
+    labelled image once per epoch, and no test image."""
+    table = tuple(c for c in CANDIDATES if c.name == "bn_head")
+    monkeypatch.setattr(auto, "CANDIDATES", table)
+    monkeypatch.setattr(auto, "K_FOLDS", 2)
+    record, calls = watch_the_refit(monkeypatch)
+    clean = auto.choose_and_train(
+        auto_config(tmp_path, "clean"), split=tiny_split(tmp_path), progress=False, report=False
+    )
+    refit_split, refit_epochs = calls[-1][1], list(record.epochs)
+    labelled, test = labelled_and_test(tiny_split(tmp_path))
     refit_train = {p for files in refit_split.train.values() for p in files}
     assert refit_train == labelled and not refit_train & test
     assert record.size == len(labelled) == clean.results["auto"]["refit"]["train_images"]

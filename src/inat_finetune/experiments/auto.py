@@ -29,9 +29,11 @@ validation scores per fold, the winner and why; the report shows it as a section
 trains the winner once on the original train/validation split, without choosing again.
 
 ``auto`` runs in one process (``--devices`` above 1 is refused with the fix). The probe
-candidate goes through ``training.train`` once per fold, whose per-run cost (a checkpoint written
-per epoch, the test pass) is most of its time on small data; a probe scored on all folds by one
-function over the cached features replaces it when ``--recipe probe`` lands.
+candidate is fitted, not trained by epochs: on small data it is scored by its own grouped k-fold
+CV over train + validation in one run (one feature pass, ``training/probe_run.py``), else on
+the validation split, and keeps that score in later rounds. A candidate that the run's options
+rule out (an ensemble, ``--backbone a,b``, trains only its head; the probe needs cached
+features, so ``--augment`` or ``--tta`` rule it out) is not tried, and ``results.json`` says why.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ from inat_finetune.runtime.hardware import resolve_accelerator
 from inat_finetune.training import run as training_run
 from inat_finetune.training.config import TrainConfig
 from inat_finetune.training.outputs import write_figures_and_report
+from inat_finetune.training.probe_run import PROBE_RECIPE
 from inat_finetune.training.recipe_configs import given_options, with_recipe
 from inat_finetune.training.recipes import AUTO, recipe_values
 from inat_finetune.training.setup import split_for_run
@@ -170,12 +173,24 @@ class CandidateRunner:
     ) -> None:
         self.config, self.where, self.deadline = config, where, deadline
         self.scored_any = False
+        self.split = split
         self.folds = fold_splits(split, config.seed)
-        self.table = {c.name: c for c in CANDIDATES}
         self.options = {
             c.name: resolve_options(c, config.backbone, len(split.classes)) for c in CANDIDATES
         }
+        self.ruled_out = {c.name: why for c in CANDIDATES if (why := self.refusal(c))}
+        self.table = {c.name: c for c in CANDIDATES if c.name not in self.ruled_out}
         self.round_of: dict[str, int] = {}
+        self.fitted: dict[str, Scored] = {}
+
+    def refusal(self, candidate: Candidate) -> str | None:
+        """Why this run's options rule the candidate out (an ensemble trains only its head,
+        the probe needs cached features), or None."""
+        try:
+            self.candidate_config(candidate, min_epochs(candidate), "check")
+        except UserError as exc:
+            return str(exc)
+        return None
 
     def folds_for(self, candidate: Candidate) -> list[DataSplit]:
         if candidate.image_folds is None or self.trains_on_features(candidate):
@@ -202,6 +217,8 @@ class CandidateRunner:
         candidate = self.table[name]
         round_ = self.round_of.get(name, -1) + 1
         self.round_of[name] = round_
+        if candidate.recipe == PROBE_RECIPE:
+            return self.score_probe(candidate, round_)
         epochs = max(budget_epochs * candidate.epoch_scale, min_epochs(candidate))
         started = time.perf_counter()
         scores, best, runs = [], [], []
@@ -232,6 +249,39 @@ class CandidateRunner:
             seconds,
         )
         return Scored(scores, epochs, seconds, best, {"runs": runs})
+
+    def score_probe(self, candidate: Candidate, round_: int) -> Scored:
+        """The probe's score, fitted once: on small data its own grouped k-fold CV over train +
+        validation (one run on every labelled image), else its validation accuracy; later
+        rounds keep it, since more epochs change nothing in a fitted head."""
+        if candidate.name in self.fitted:
+            kept = self.fitted[candidate.name]
+            return Scored(kept.fold_val_acc, 0, 0.0, kept.best_epochs, {"kept_from_round": 0})
+        started = time.perf_counter()
+        pooled = len(self.folds) > 1
+        split = refit_split(self.split) if pooled else self.folds[0]
+        config = self.candidate_config(candidate, 1, f"{candidate.name}-round{round_}")
+        result = training_run.train(config, split=split, progress=False, report=False)
+        self.scored_any = True
+        shutil.rmtree(result.run_dir / "checkpoints", ignore_errors=True)  # never loaded
+        probe = result.results.get("linear_probe", {})
+        score = float(probe["cv_acc"]) if pooled else float(result.results["best_val_acc"])
+        scored_on = (
+            f"its own {probe.get('folds')}-fold grouped CV of train+val" if pooled else "val"
+        )
+        seconds = time.perf_counter() - started
+        log.info(
+            "auto: %s fitted, %.2f%% on %s (%.1f s)",
+            candidate.name,
+            100 * score,
+            scored_on,
+            seconds,
+        )
+        scored = Scored(
+            [score], 0, seconds, [1], {"runs": [result.run_dir.name], "scored_on": scored_on}
+        )
+        self.fitted[candidate.name] = scored
+        return scored
 
     def out_of_time(self) -> bool:
         """Past the deadline, once something has a score (the first fold always runs)."""
@@ -265,12 +315,14 @@ def choose_and_train(
     runner = CandidateRunner(config, split, where, deadline)
     log.info(
         "auto: %d candidates, %s, scored on %s; budget %s",
-        len(CANDIDATES),
-        ", ".join(c.name for c in CANDIDATES),
+        len(runner.table),
+        ", ".join(runner.table),
         f"{len(runner.folds)} folds of train+val" if len(runner.folds) > 1 else "the val split",
         budget.describe(),
     )
-    halving = successive_halving([c.name for c in CANDIDATES], runner.evaluate, budget)
+    for ruled_out, why in runner.ruled_out.items():
+        log.info("auto: %s not tried: %s", ruled_out, why)
+    halving = successive_halving(list(runner.table), runner.evaluate, budget)
     winner = runner.table[halving.winner]
     refit = config.refit if config.refit is not None else count < SMALL_DATA
     epochs = final_epochs(config, winner, halving)
@@ -314,7 +366,7 @@ def auto_summary(
 ) -> dict[str, Any]:
     """results.json's ``auto``: every candidate's rounds, the winner and why it won."""
     candidates = []
-    for candidate in CANDIDATES:
+    for candidate in runner.table.values():
         rounds = [
             {
                 "round": index,
@@ -326,6 +378,7 @@ def auto_summary(
                 "seconds": round(scores[candidate.name].seconds, 2),
                 "runs": scores[candidate.name].extra.get("runs", []),
                 "not_run": scores[candidate.name].extra.get("not_run"),
+                "scored_on": scores[candidate.name].extra.get("scored_on"),
             }
             for index, scores in enumerate(halving.rounds)
             if candidate.name in scores
@@ -344,6 +397,7 @@ def auto_summary(
         )
     return {
         "candidates": candidates,
+        "ruled_out": runner.ruled_out,
         "winner": halving.winner,
         "why": why_winner(halving),
         "selected_by": "val_acc",

@@ -53,16 +53,15 @@ class Candidate:
     about: str = ""
 
 
-# The one table of candidates (edit here). At the merge of `--recipe probe`, the probe's row
-# becomes Candidate("probe", "probe", {}, ...).
+# The one table of candidates (edit here). The probe is fitted, not trained by epochs: it is
+# scored once (experiments/auto.py) and keeps that score in later rounds.
 CANDIDATES: tuple[Candidate, ...] = (
     Candidate(
         "probe",
-        None,
-        {"strategy": "freeze_last", "augment": False},
-        epoch_scale=5,
+        "probe",
+        {},
         image_folds=None,
-        about="linear probe on cached features",
+        about="linear probe fitted on cached features (weight decay and flips by CV)",
     ),
     Candidate("bn_head", "bn_head", {}, about="BatchNorm + head, augmented (the old default)"),
     Candidate("lp_ft", "strong", {}, about="LP-FT: the strong recipe"),
