@@ -127,13 +127,13 @@ def test_api_predicts_like_predict_paths(
     response = client.post("/api/predict", files={"file": (photo.name, photo.read_bytes())})
     assert response.status_code == 200, response.text
     data = response.json()
-    assert data["filename"] == photo.name
-    assert data["top"][0]["class"] == expected == "ants"
-    assert [t["class"] for t in data["top"]] == [
-        c for c, _ in predict_paths(predictor, [photo], progress=False).predictions[0].top
+    assert data["path"] == photo.name  # predict --json's shape for one image
+    assert data["predictions"][0]["label"] == expected == "ants"
+    assert [t["label"] for t in data["predictions"]] == [
+        t.label for t in predict_paths(predictor, [photo], progress=False).predictions[0].top
     ]
-    assert len(data["top"]) == 5
-    assert sum(t["probability"] for t in data["top"]) == pytest.approx(1.0, abs=1e-5)
+    assert len(data["predictions"]) == 5
+    assert sum(t["score"] for t in data["predictions"]) == pytest.approx(1.0, abs=1e-5)
     assert data["width"] > 0 and data["height"] > 0
 
 

@@ -24,6 +24,7 @@ from torch import nn
 from inat_finetune.errors import UserError
 from inat_finetune.inference.evaluation import find_checkpoint, load_checkpoint
 from inat_finetune.runfiles import atomic_write, write_json_atomic
+from inat_finetune.runtime.devices import resolve_device
 
 FORMATS = ("onnx", "torchscript")
 
@@ -100,7 +101,7 @@ def _serialise_onnx(model: nn.Module, example: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def _run_onnx(data: bytes, batch: torch.Tensor) -> torch.Tensor:
+def _run_onnx(data: bytes, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     import onnx
     import onnxruntime as ort
 
@@ -108,8 +109,12 @@ def _run_onnx(data: bytes, batch: torch.Tensor) -> torch.Tensor:
     options = ort.SessionOptions()
     # Idle ORT threads otherwise spin for a while after each run, stealing CPU from PyTorch.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-    (logits,) = session.run(["logits"], {"images": batch.numpy()})
+    # On a GPU where ONNX Runtime has CUDA; else on the CPU (the usual onnxruntime wheel).
+    providers = ["CPUExecutionProvider"]
+    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+    session = ort.InferenceSession(data, options, providers=providers)
+    (logits,) = session.run(["logits"], {"images": batch.cpu().numpy()})
     return torch.from_numpy(logits)
 
 
@@ -125,22 +130,27 @@ def _serialise_torchscript(model: nn.Module, example: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def _run_torchscript(data: bytes, batch: torch.Tensor) -> torch.Tensor:
+def _run_torchscript(data: bytes, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        loaded = torch.jit.load(io.BytesIO(data), map_location="cpu")
-    with torch.inference_mode():
-        return loaded(batch)
+        loaded = torch.jit.load(io.BytesIO(data), map_location=device)
+    with torch.inference_mode(), torch.backends.cudnn.flags(allow_tf32=False):
+        return loaded(batch.to(device)).cpu()
 
 
 def export(
     ckpt: str | Path,
     format: str = "onnx",
     out_dir: str | Path | None = None,
+    device: str = "cpu",
 ) -> ExportResult:
-    """Write ``model.onnx`` or ``model.pt`` and ``preprocessing.json`` to ``out_dir``."""
+    """Write ``model.onnx`` or ``model.pt`` and ``preprocessing.json`` to ``out_dir``.
+
+    The parity check runs PyTorch (in float32, TF32 off) and the export on ``device``
+    (auto, cpu, cuda, cuda:N, mps; ONNX Runtime on the CPU unless it has CUDA)."""
     if format not in FORMATS:
         raise UserError(f"--format {format}: use one of {', '.join(FORMATS)}")
+    on = resolve_device(device)
     path = find_checkpoint(ckpt)
     model, card = load_checkpoint(path)
     model = model.float().eval()
@@ -148,15 +158,16 @@ def export(
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(2, 3, size, size, generator=generator)
     check = torch.randn(2, 3, size, size, generator=generator)
-    with torch.inference_mode():
-        expected = model(check)
+    with torch.inference_mode(), torch.backends.cudnn.flags(allow_tf32=False):
+        expected = model.to(on)(check.to(on)).cpu()
+    model = model.cpu()  # serialised from the CPU: the files load anywhere
 
     if format == "onnx":
         data = _serialise_onnx(model, example)
-        got = _run_onnx(data, check)
+        got = _run_onnx(data, check, on)
     else:
         data = _serialise_torchscript(model, example)
-        got = _run_torchscript(data, check)
+        got = _run_torchscript(data, check, on)
     diff = float((got - expected).abs().max())
     if not diff <= TOLERANCE:  # also catches NaN
         raise UserError(
