@@ -226,21 +226,21 @@ def test_uploads_are_decoded_a_bounded_number_at_a_time(
     """Eight uploads at once: at most two (serve.DECODE_SLOTS) decode together; all answered."""
     active, most = 0, 0
     count = threading.Lock()
-    real_load = predictor.load
+    real_load = predictor.load_uint8  # serve decodes to uint8; the device normalises
 
-    def slow_load(source):
+    def slow_load(source, tta="none"):
         nonlocal active, most
         with count:
             active += 1
             most = max(most, active)
         try:
             time.sleep(0.3)  # long enough for the other requests to arrive meanwhile
-            return real_load(source)
+            return real_load(source, tta)
         finally:
             with count:
                 active -= 1
 
-    monkeypatch.setattr(predictor, "load", slow_load)
+    monkeypatch.setattr(predictor, "load_uint8", slow_load)
     client = TestClient(create_app(predictor, max_upload_mb=MAX_UPLOAD_MB))
     photo = ant_photo[0].read_bytes()
 
