@@ -2,10 +2,11 @@
 
 from inat_finetune.inference.evaluation import evaluate, find_checkpoint, load_checkpoint
 from inat_finetune.inference.export import export
-from inat_finetune.inference.predict import Predictor, predict_paths
+from inat_finetune.inference.predict import LabelScore, Predictor, predict_paths
 from inat_finetune.inference.serve import create_app
 
 __all__ = [
+    "LabelScore",
     "Predictor",
     "create_app",
     "evaluate",
