@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import typer
-from conftest import write_image
+from conftest import make_class_folders, write_image
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
@@ -234,3 +234,26 @@ def test_serve_answers_in_predicts_shape_with_its_tta(
     assert answer["path"] == "p0.jpg"
     assert answer["predictions"] == expected.to_list()[0]["predictions"]
     assert (answer["width"], answer["height"]) == (60, 50)
+
+
+def test_cli_evaluate_tta_flip_scores_what_predict_flip_predicts(
+    tiny_ckpt: Path, predictor: Predictor, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    make_class_folders(data / "train", {"ants": 4, "bees": 4}, seed=1)
+    test = make_class_folders(data / "val", {"ants": 4, "bees": 4}, seed=2)  # the test split
+    common = ["evaluate", str(tiny_ckpt), "--data", str(data), "--num-workers", "0"]
+    scored = {}
+    for mode in ("none", "flip"):
+        saved = tmp_path / f"{mode}.json"
+        args = [*common, "--device", "cpu", "--precision", "32-true", "--tta", mode]
+        result = CliRunner().invoke(app, [*args, "--save", str(saved)])
+        assert result.exit_code == 0, result.output
+        scored[mode] = json.loads(saved.read_text())
+    assert "(test-time augmentation: flip)" in result.stdout
+    assert (scored["none"]["tta"], scored["flip"]["tta"]) == ("none", "flip")
+    assert scored["none"]["test_loss"] != scored["flip"]["test_loss"]
+    files = [path for paths in test.values() for path in paths]
+    report = predict_paths(predictor, files, tta="flip", progress=False)
+    right = [Path(p.path).parent.name == p.top[0].label for p in report.predictions]
+    assert scored["flip"]["test_acc"] == pytest.approx(sum(right) / len(right), abs=1e-6)
