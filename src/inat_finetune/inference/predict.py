@@ -33,6 +33,7 @@ import io
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +52,7 @@ from inat_finetune.errors import UserError, one_line
 from inat_finetune.inference.evaluation import find_checkpoint, load_checkpoint
 from inat_finetune.models.backbones import Preprocessing
 from inat_finetune.runfiles import write_text_atomic
-from inat_finetune.runtime.allocator import keep_freed_memory
+from inat_finetune.runtime.allocator import freed_memory_kept, keep_freed_memory
 from inat_finetune.runtime.devices import resolve_device
 from inat_finetune.runtime.hardware import resolve_precision
 
@@ -297,12 +298,19 @@ def _try_load(
 
 
 class ImageFiles(Dataset):
-    """Image files as (path, uint8 tensor or the reason it is skipped), decoded in a worker."""
+    """Image files as (path, uint8 tensor or the reason it is skipped).
 
-    def __init__(self, files: Sequence[Path], transform: Any, draft_size: int) -> None:
+    With ``threads`` > 1 a batch's images are decoded by that many threads at once (PIL
+    releases the GIL): how the main process loads when there are no worker processes.
+    """
+
+    def __init__(
+        self, files: Sequence[Path], transform: Any, draft_size: int, threads: int = 1
+    ) -> None:
         self.files = list(files)
         self.transform = transform
         self.draft_size = draft_size
+        self.threads = threads
 
     def __len__(self) -> int:
         return len(self.files)
@@ -310,6 +318,13 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int) -> tuple[str, torch.Tensor | str]:
         path = self.files[index]
         return str(path), _try_load(path, self.transform, self.draft_size)
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[str, torch.Tensor | str]]:
+        """A batch's items (the DataLoader asks for a batch at once when this exists)."""
+        if self.threads <= 1 or len(indices) <= 1:
+            return [self[i] for i in indices]
+        with ThreadPoolExecutor(max_workers=min(self.threads, len(indices))) as pool:
+            return list(pool.map(self.__getitem__, indices))
 
 
 def collate_loaded(
@@ -322,13 +337,20 @@ def collate_loaded(
     return images, [path for path, _ in good], skipped
 
 
-def loader_workers(num_workers: int | None, files: int, batch_size: int) -> int:
-    """Worker processes for ``files`` images: one per core (at most 8), never more than there
-    are batches, and none for a single batch (starting a process costs more than it saves)."""
+def loader_workers(
+    num_workers: int | None, files: int, batch_size: int, device: torch.device
+) -> int:
+    """Worker processes for ``files`` images. For a GPU (or MPS): one per core (at most 8),
+    never more than there are batches, so decoding overlaps the device's work. For the CPU,
+    and for a single batch: none; the main process decodes each batch with threads between
+    forward passes, as ``predict`` always did on the CPU, where the network needs every core.
+    """
     if num_workers is not None:
         return num_workers
     batches = -(-files // batch_size)
-    return 0 if batches <= 1 else min(default_num_workers(), batches)
+    if device.type == "cpu" or batches <= 1:
+        return 0
+    return min(default_num_workers(), batches)
 
 
 def predict_paths(
@@ -356,16 +378,19 @@ def predict_paths(
         predictor.checkpoint, predictor.class_names, top_k, mode, skipped=skipped
     )
     batch_size = max(1, batch_size)
-    workers = loader_workers(num_workers, len(files), batch_size)
+    workers = loader_workers(num_workers, len(files), batch_size, predictor.device)
+    threads = 1 if workers else min(8, os.cpu_count() or 1)
     loader = DataLoader(
-        ImageFiles(files, predictor.transforms[mode], predictor.preprocessing.resize_size),
+        ImageFiles(files, predictor.transforms[mode], predictor.preprocessing.resize_size, threads),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=collate_loaded,
         pin_memory=predictor.device.type == "cuda",
         worker_init_fn=keep_freed_memory if workers else None,
     )
-    with _progress_bar(progress, len(files)) as advance:
+    # On the CPU, freed activations are reused instead of fresh pages (as training does).
+    on_cpu = predictor.device.type == "cpu"
+    with freed_memory_kept(on_cpu), _progress_bar(progress, len(files)) as advance:
         for images, good, left_out in loader:
             report.skipped += left_out
             if images is not None:
