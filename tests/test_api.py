@@ -105,9 +105,9 @@ def test_train_then_load_predicts_what_the_cli_predicts(api_run: dict) -> None:
         capture_output=True,
         timeout=300,
     )
-    cli = json.loads(cli_json.read_text())["predictions"]
+    cli = json.loads(cli_json.read_text())
     assert [p["path"] for p in cli] == [str(p) for p in api_run["images"]]
-    from_cli = [[[t["class"], t["probability"]] for t in p["top"]] for p in cli]
+    from_cli = [[[t["label"], t["score"]] for t in p["predictions"]] for p in cli]
     assert answer["predicted"] == from_cli  # the same labels and the same scores, exactly
     assert answer["device"] == "cpu"
     assert answer["results"]["epochs"] == 2 and "test_acc" in answer["results"]

@@ -98,17 +98,29 @@ def test_unreadable_files_are_reported_not_fatal(trained_run: Path, tmp_path: Pa
     assert reasons["nowhere.jpg"] == "no such file or directory"
     assert len(report.skipped) == 5
 
+    # JSON: a list of {path, predictions: [{label, score}]}, the skipped files last with
+    # empty predictions and their error.
     data = json.loads(write_json(report, tmp_path / "out" / "p.json").read_text())
-    assert [p["path"] for p in data["predictions"]] == [p.path for p in report.predictions]
-    assert data["predictions"][0]["top"][0].keys() == {"class", "probability"}
-    assert {s["path"] for s in data["skipped"]} == {s.path for s in report.skipped}
+    assert isinstance(data, list) and len(data) == 3 + 5
+    assert [p["path"] for p in data[:3]] == [p.path for p in report.predictions]
+    assert all(p.keys() == {"path", "predictions"} for p in data[:3])
+    assert data[0]["predictions"] == [
+        {"label": t.label, "score": t.score} for t in report.predictions[0].top
+    ]
+    assert {(p["path"], p["error"]) for p in data[3:]} == {
+        (s.path, s.reason) for s in report.skipped
+    }
+    assert all(p["predictions"] == [] for p in data[3:])
+    # CSV: path, label_i/score_i, then the error of a skipped file.
     with write_csv(report, tmp_path / "out" / "p.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert list(rows[0]) == ["path", "error", "class_1", "prob_1", "class_2", "prob_2"]
+    assert list(rows[0]) == ["path", "label_1", "score_1", "label_2", "score_2", "error"]
     assert len(rows) == 3 + 5
-    assert rows[0]["class_1"] == report.predictions[0].top[0][0]
-    assert float(rows[0]["prob_1"]) == pytest.approx(report.predictions[0].top[0][1], abs=1e-6)
+    assert rows[0]["label_1"] == report.predictions[0].top[0].label
+    assert float(rows[0]["score_1"]) == pytest.approx(report.predictions[0].top[0].score, abs=1e-6)
+    assert {r["error"] for r in rows[:3]} == {""}
     assert {r["error"] for r in rows[3:]} == {s.reason for s in report.skipped}
+    assert {r["label_1"] + r["score_1"] for r in rows[3:]} == {""}
 
 
 def test_tta_averages_logits_of_the_image_and_its_mirror(trained_run: Path) -> None:
@@ -120,15 +132,15 @@ def test_tta_averages_logits_of_the_image_and_its_mirror(trained_run: Path) -> N
     expected = ((plain + mirrored) / 2).softmax(dim=1)[0]
     assert float((plain - mirrored).abs().max()) > 1e-3  # the mirror really changes the logits
 
-    with_tta = predict_paths(predictor, [photo], top_k=2, tta=True, progress=False)
-    without = predict_paths(predictor, [photo], top_k=2, tta=False, progress=False)
+    with_tta = predict_paths(predictor, [photo], top_k=2, tta="flip", progress=False)
+    without = predict_paths(predictor, [photo], top_k=2, tta="none", progress=False)
     got = dict(with_tta.predictions[0].top)
     for index, name in enumerate(predictor.class_names):
         assert got[name] == pytest.approx(float(expected[index]), abs=1e-5)
     assert dict(without.predictions[0].top)["ants"] == pytest.approx(
         float(plain.softmax(dim=1)[0, 0]), abs=1e-5
     )
-    assert with_tta.tta and not without.tta
+    assert (with_tta.tta, without.tta) == ("flip", "none")
 
 
 def test_cli_predict_prints_a_table_and_writes_files(trained_run: Path, tmp_path: Path) -> None:
@@ -136,13 +148,13 @@ def test_cli_predict_prints_a_table_and_writes_files(trained_run: Path, tmp_path
     json_out, csv_out = tmp_path / "p.json", tmp_path / "p.csv"
     result = CliRunner().invoke(
         app,
-        ["predict", str(trained_run), *map(str, photos), "--top-k", "2", "--tta", "--batch-size", "2",
-         "--json", str(json_out), "--csv", str(csv_out)],
+        ["predict", str(trained_run), *map(str, photos), "--top-k", "2", "--tta", "flip",
+         "--batch-size", "2", "--json", str(json_out), "--csv", str(csv_out), "--device", "cpu"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "Predictions (" in result.output and "top class" in result.output
     n = len(photos)
-    assert len(json.loads(json_out.read_text())["predictions"]) == n
+    assert len(json.loads(json_out.read_text())) == n
     assert len(csv_out.read_text().splitlines()) == n + 1
 
     bad = CliRunner().invoke(app, ["predict", str(tmp_path / "no_run"), str(photos[0])])

@@ -293,7 +293,7 @@ def _assert_results_agree_with_best_ckpt(run: Path) -> None:
     assert min(e for e, acc in val.items() if acc == max(val.values())) == best_epoch
     assert read_checkpoint(run / "checkpoints" / "best.ckpt")["epoch"] == best_epoch
     assert results["checkpoint"] == "checkpoints/best.ckpt"
-    rescored = evaluate(run, num_workers=0, accelerator="cpu", precision="32-true", progress=False)
+    rescored = evaluate(run, num_workers=0, device="cpu", precision="32-true", progress=False)
     assert rescored["test_acc"] == results["test_acc"]
     assert rescored["test_loss"] == pytest.approx(results["test_loss"], rel=1e-5)
 

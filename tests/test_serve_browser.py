@@ -128,13 +128,13 @@ def test_api_predicts_like_predict_paths(
     response = client.post("/api/predict", files={"file": (photo.name, photo.read_bytes())})
     assert response.status_code == 200, response.text
     data = response.json()
-    assert data["filename"] == photo.name
-    assert data["top"][0]["class"] == expected == "ants"
-    assert [t["class"] for t in data["top"]] == [
-        c for c, _ in predict_paths(predictor, [photo], progress=False).predictions[0].top
+    assert data["path"] == photo.name  # predict --json's shape for one image
+    assert data["predictions"][0]["label"] == expected == "ants"
+    assert [t["label"] for t in data["predictions"]] == [
+        t.label for t in predict_paths(predictor, [photo], progress=False).predictions[0].top
     ]
-    assert len(data["top"]) == 5
-    assert sum(t["probability"] for t in data["top"]) == pytest.approx(1.0, abs=1e-5)
+    assert len(data["predictions"]) == 5
+    assert sum(t["score"] for t in data["predictions"]) == pytest.approx(1.0, abs=1e-5)
     assert data["width"] > 0 and data["height"] > 0
 
 
@@ -227,21 +227,21 @@ def test_uploads_are_decoded_a_bounded_number_at_a_time(
     """Eight uploads at once: at most two (serve.DECODE_SLOTS) decode together; all answered."""
     active, most = 0, 0
     count = threading.Lock()
-    real_load = predictor.load
+    real_load = predictor.load_uint8  # serve decodes to uint8; the device normalises
 
-    def slow_load(source):
+    def slow_load(source, tta="none"):
         nonlocal active, most
         with count:
             active += 1
             most = max(most, active)
         try:
             time.sleep(0.3)  # long enough for the other requests to arrive meanwhile
-            return real_load(source)
+            return real_load(source, tta)
         finally:
             with count:
                 active -= 1
 
-    monkeypatch.setattr(predictor, "load", slow_load)
+    monkeypatch.setattr(predictor, "load_uint8", slow_load)
     client = TestClient(create_app(predictor, max_upload_mb=MAX_UPLOAD_MB))
     photo = ant_photo[0].read_bytes()
 

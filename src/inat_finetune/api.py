@@ -3,7 +3,7 @@
     from inat_finetune import train, load
     run = train(data="hymenoptera", backbone="mobilenet_v2", strategy="freeze_last", epochs=2)
     run.results["test_acc"], run.figures.curves()          # a dict, a matplotlib Figure
-    run.predict(["bee.jpg"], top_k=3)                      # per image: [(label, score), ...]
+    run.predict(["bee.jpg"], top_k=3)                      # per image: [LabelScore(label, score), ...]
     load("runs/mobilenet_v2-freeze_last").predict([image])  # a path or a PIL image
 
 The contract:
@@ -16,8 +16,9 @@ The contract:
 - What they return reads that directory: the model is loaded from ``checkpoints/best.ckpt`` on
   first use (the checkpoint the test results describe), figures are drawn from its files.
 - ``load`` gives the ``inference.Predictor`` that ``inat-finetune predict`` uses, so the same
-  checkpoint gives the same classes and probabilities on the same device (the command line's is
-  the CPU; ``load`` picks CUDA when there is one).
+  checkpoint gives the same labels and scores on the same device; ``device`` is resolved as the
+  command line's ``--device`` is (auto: the GPU if there is one, else the CPU). Its answers are
+  ``LabelScore(label, score)`` tuples, the names of ``predict --json``.
 - Importing this module is cheap: torch, Lightning and matplotlib load on the first call.
 - Log lines go to stderr through one handler on the ``inat_finetune`` logger, added once per
   process and only when nothing else (the command line, the user) configured logging, so a
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from torch import nn
 
-    from inat_finetune.inference.predict import Predictor
+    from inat_finetune.inference.predict import LabelScore, Predictor
     from inat_finetune.training.config import TrainConfig
 
 LOG_HANDLER_NAME = "inat_finetune.api"  # marks the one handler this module adds
@@ -120,17 +121,18 @@ def compare(
     return Comparison(Path(result.comparison_dir), dict(result.comparison))
 
 
-def load(checkpoint_or_run_dir: str | Path, device: str | None = None) -> Predictor:
-    """A ready predictor: the model in eval mode on ``device`` (default: CUDA when there is one,
-    else the CPU), its ``class_names``, ``preprocessing``, and ``predict(images, top_k=1)``.
+def load(checkpoint_or_run_dir: str | Path, device: str | None = "auto") -> Predictor:
+    """A ready predictor: the model in eval mode on ``device`` (auto, cpu, cuda, cuda:N or mps;
+    auto: the GPU if there is one, else the CPU), with bf16/fp16 autocast where that device
+    computes it natively; its ``class_names``, ``preprocessing``, and ``predict(images, top_k=1)``.
+    A device this machine lacks is a ``UserError`` naming the ones it has.
 
     Takes a run directory, a ``.ckpt`` file, or a folder ``export --format safetensors`` wrote
     (``model.safetensors`` and ``config.json``): the same weights give the same logits."""
-    import torch
-
     from inat_finetune.inference.predict import Predictor
+    from inat_finetune.runtime.devices import resolve_device
 
-    chosen = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    chosen = resolve_device(device or "auto", "device=")
     return Predictor.from_checkpoint(checkpoint_or_run_dir, device=chosen)
 
 
@@ -233,9 +235,10 @@ class Run:
         return RunFigures(self.run_dir)
 
     def predict(
-        self, images: Any, top_k: int = 1, tta: bool = False
-    ) -> list[list[tuple[str, float]]]:
-        """Per image (paths or PIL images), its ``top_k`` (class, probability) pairs."""
+        self, images: Any, top_k: int = 1, tta: str | bool = "none"
+    ) -> list[list[LabelScore]]:
+        """Per image (paths or PIL images), its ``top_k`` ``LabelScore(label, score)`` pairs;
+        ``tta``: none, flip or multicrop."""
         return self.predictor.predict(images, top_k=top_k, tta=tta)
 
 

@@ -9,6 +9,10 @@ One implementation serves ``evaluate``, the test step at the end of ``train`` an
   loader uses ``tta_eval_transform`` for it.
 
 Logits (not probabilities) are averaged, as the seed-era ``predict --tta`` did.
+
+``tta_mode`` is the one reading of the ``--tta none|flip|multicrop`` setting that ``train``,
+``evaluate``, ``predict`` and ``serve`` share (and the Python API, where ``True`` still means
+``flip`` and ``False`` ``none``, as the boolean it used to be).
 """
 
 from __future__ import annotations
@@ -19,9 +23,21 @@ import torch
 from torchvision.transforms import v2
 
 from inat_finetune.data.datamodule import build_eval_transform, output_steps
+from inat_finetune.errors import UserError
 from inat_finetune.models.backbones import Preprocessing
 
 TTA_MODES = ("none", "flip", "multicrop")
+
+
+def tta_mode(value: str | bool | None) -> str:
+    """The TTA mode ``value`` names (None: none); UserError naming --tta for anything else."""
+    if value is None or value is False:
+        return "none"
+    if value is True:
+        return "flip"
+    if value not in TTA_MODES:
+        raise UserError(f"--tta {value}: unknown; use --tta none, flip or multicrop")
+    return value
 
 
 def tta_eval_transform(pre: Preprocessing, mode: str, normalise: bool = True) -> v2.Compose:

@@ -6,9 +6,10 @@ The web server (``inference.serve``) is imported from its module, not from here:
 
 from inat_finetune.inference.evaluation import evaluate, find_checkpoint, load_checkpoint
 from inat_finetune.inference.export import export
-from inat_finetune.inference.predict import Predictor, predict_paths
+from inat_finetune.inference.predict import LabelScore, Predictor, predict_paths
 
 __all__ = [
+    "LabelScore",
     "Predictor",
     "evaluate",
     "export",

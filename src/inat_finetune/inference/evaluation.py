@@ -20,7 +20,7 @@ from torch import nn
 
 from inat_finetune.data.datamodule import FineTuneDataModule
 from inat_finetune.data.folders import DataSplit, make_split
-from inat_finetune.data.tta import TTA_MODES, tta_eval_transform
+from inat_finetune.data.tta import tta_eval_transform, tta_mode
 from inat_finetune.errors import UserError
 from inat_finetune.models.backbones import Preprocessing, get_model
 from inat_finetune.models.checkpoints import CARD_KEY, read_checkpoint
@@ -30,11 +30,8 @@ from inat_finetune.models.safetensors_folder import (
     read_safetensors_folder,
 )
 from inat_finetune.runfiles import write_json_atomic
-from inat_finetune.runtime.hardware import (
-    resolve_accelerator,
-    resolve_channels_last,
-    resolve_precision,
-)
+from inat_finetune.runtime.devices import lightning_devices, resolve_device
+from inat_finetune.runtime.hardware import resolve_channels_last, resolve_precision
 from inat_finetune.tasks.classification import FineTuneModule
 from inat_finetune.tasks.optim import TrainingPlan
 
@@ -106,7 +103,7 @@ def evaluate(
     data: str | Path | None = None,
     batch_size: int = 32,
     num_workers: int | None = None,
-    accelerator: str = "auto",
+    device: str = "auto",
     precision: str = "auto",
     progress: bool = True,
     tta: str = "none",
@@ -116,9 +113,10 @@ def evaluate(
     Without ``data`` a run directory is re-scored on the test split saved in its ``split.json``.
     ``tta``: ``none``, ``flip`` (mean logits of the image and its mirror image) or
     ``multicrop`` (centre and four corner crops, each also mirrored); see ``data/tta.py``.
+    ``device``: auto, cpu, cuda, cuda:N or mps (``runtime.devices``).
     """
-    if tta not in TTA_MODES:
-        raise UserError(f"--tta {tta}: unknown; use one of {', '.join(TTA_MODES)}")
+    tta = tta_mode(tta)
+    acc, devices = lightning_devices(resolve_device(device))  # a missing GPU: refused first
     ckpt = find_checkpoint(run_or_ckpt)
     model, card = load_checkpoint(ckpt)
     run_dir = ckpt.parent.parent
@@ -138,13 +136,12 @@ def evaluate(
         augment=False,
         test_transform=tta_eval_transform(preprocessing, tta, normalise=False),
     )
-    acc = resolve_accelerator(accelerator)
     module = FineTuneModule(
         model, card, channels_last=resolve_channels_last(None, acc), plan=TrainingPlan(tta=tta)
     )
     trainer = L.Trainer(
         accelerator=acc,
-        devices=1,
+        devices=devices,
         precision=resolve_precision(precision, acc),
         logger=False,
         enable_progress_bar=progress,

@@ -58,6 +58,7 @@ from inat_finetune.runfiles import (
     check_output_file,
     write_json_atomic,
 )
+from inat_finetune.runtime.devices import resolve_device
 from inat_finetune.runtime.extras import require_extra
 
 FORMATS = ("onnx", "torchscript", "safetensors")
@@ -169,7 +170,7 @@ def _serialise_onnx(model: nn.Module, example: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def _run_onnx(data: bytes, batch: torch.Tensor) -> torch.Tensor:
+def _run_onnx(data: bytes, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     import onnx
     import onnxruntime as ort
 
@@ -177,8 +178,12 @@ def _run_onnx(data: bytes, batch: torch.Tensor) -> torch.Tensor:
     options = ort.SessionOptions()
     # Idle ORT threads otherwise spin for a while after each run, stealing CPU from PyTorch.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-    (logits,) = session.run(["logits"], {"images": batch.numpy()})
+    # On a GPU where ONNX Runtime has CUDA; else on the CPU (the usual onnxruntime wheel).
+    providers = ["CPUExecutionProvider"]
+    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+    session = ort.InferenceSession(data, options, providers=providers)
+    (logits,) = session.run(["logits"], {"images": batch.cpu().numpy()})
     return torch.from_numpy(logits)
 
 
@@ -194,12 +199,12 @@ def _serialise_torchscript(model: nn.Module, example: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def _run_torchscript(data: bytes, batch: torch.Tensor) -> torch.Tensor:
+def _run_torchscript(data: bytes, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        loaded = torch.jit.load(io.BytesIO(data), map_location="cpu")
-    with torch.inference_mode():
-        return loaded(batch)
+        loaded = torch.jit.load(io.BytesIO(data), map_location=device)
+    with torch.inference_mode(), torch.backends.cudnn.flags(allow_tf32=False):
+        return loaded(batch.to(device)).cpu()
 
 
 def onnx_metadata(card: dict[str, Any]) -> dict[str, str]:
@@ -364,16 +369,20 @@ def export(
     output: str | Path | None = None,
     *,
     out_dir: str | Path | None = None,
+    device: str = "cpu",
 ) -> ExportResult:
     """Write the model and ``preprocessing.json`` to ``output``: a folder (default
     ``<run>/export``), or for ONNX and TorchScript a ``.onnx``/``.pt`` file path.
 
-    ``out_dir`` is the earlier name of ``output``, still accepted.
+    The parity check runs PyTorch (in float32, TF32 off) and the export on ``device`` (auto,
+    cpu, cuda, cuda:N, mps; ONNX Runtime on the CPU unless it has CUDA); files are serialised
+    from the CPU, so they load anywhere. ``out_dir`` is the earlier name of ``output``.
     """
     output = output if output is not None else out_dir
     check_export_output(output, format)
     if format == "onnx":
         require_extra("export", "export --format onnx")
+    on = resolve_device(device)
     path = find_checkpoint(ckpt)
     model, card = load_checkpoint(path)
     model = model.float().eval()
@@ -381,15 +390,16 @@ def export(
     size = int(card["preprocessing"]["crop_size"])
     generator = torch.Generator().manual_seed(1)
     check = torch.randn(2, 3, size, size, generator=generator)
-    with torch.inference_mode():
-        expected = model(check)
+    with torch.inference_mode(), torch.backends.cudnn.flags(allow_tf32=False):
+        expected = model.to(on)(check.to(on)).cpu()
+    model = model.cpu()
 
     if format == "safetensors":
         diff = write_safetensors(model, card, target, (check, expected), path)
     else:
         data = serialise(model, card, format, check)
         run = _run_onnx if format == "onnx" else _run_torchscript
-        diff = max_abs_diff([run(data, check)], expected)
+        diff = max_abs_diff([run(data, check, on)], expected)
         refuse_if_different(diff, path, format)
         atomic_write(target.model, lambda handle: handle.write(data))
 

@@ -1,8 +1,9 @@
 """A small web app to try a checkpoint: drop a photo on a page, see the top-5 classes.
 
 ``GET /`` is one self-contained HTML page (no external scripts, fonts or styles: it works
-offline). ``POST /api/predict`` takes a multipart upload named ``file`` and answers JSON:
-``{"filename", "width", "height", "top": [{"class", "probability"}, ...]}``; errors are
+offline). ``POST /api/predict`` takes a multipart upload named ``file`` and answers JSON in the
+shape ``predict --json`` gives each image: ``{"path": <the upload's file name>, "predictions":
+[{"label", "score"}, ...], "width", "height"}``, with the server's ``--tta``; errors are
 ``{"detail": "..."}`` with 400 (not an image), 413 (too many bytes or too many pixels) or 422
 (an image that would exceed the memory budget, ``data.memory_refusal``: more elongated than
 1:50, or over 1 GiB decoded or resized to the model's size).
@@ -32,6 +33,7 @@ from fastapi.responses import HTMLResponse
 from PIL import Image, UnidentifiedImageError
 
 from inat_finetune.data.images import ImageRefused, memory_refusal
+from inat_finetune.data.tta import tta_mode
 from inat_finetune.errors import UserError
 from inat_finetune.inference.predict import Predictor
 
@@ -147,9 +149,16 @@ def create_app(
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
     top_k: int = 5,
+    tta: str = "none",
+    device: str = "cpu",
 ) -> FastAPI:
-    """The FastAPI app for one checkpoint, loaded once."""
-    predictor = ckpt if isinstance(ckpt, Predictor) else Predictor.from_checkpoint(ckpt)
+    """The FastAPI app for one checkpoint, loaded once (on ``device`` unless a ``Predictor``
+    is given); every answer averaged over the views of ``tta`` (none, flip, multicrop)."""
+    mode = tta_mode(tta)
+    if isinstance(ckpt, Predictor):
+        predictor = ckpt
+    else:
+        predictor = Predictor.from_checkpoint(ckpt, device=device)
     max_bytes = int(max_upload_mb * 1e6)
     max_pixels = int(max_megapixels * 1e6)
     too_large = f"file too large: {{size}}; the limit is {_mb(max_bytes)} (--max-upload-mb)"
@@ -184,23 +193,23 @@ def create_app(
             raise HTTPException(413, too_large.format(size="over " + _mb(max_bytes)))
         width, height = check_upload(data, name, max_pixels, target)
         with decode_slots:
-            batch = _decode(predictor, data, name)
+            batch = _decode(predictor, data, name, mode)
         with lock:
-            top = predictor.top(predictor.logits(batch), top_k)[0]
+            top = predictor.top(predictor.logits(batch, mode), top_k)[0]
         return {
-            "filename": name,
+            "path": name,
+            "predictions": [t._asdict() for t in top],
             "width": width,
             "height": height,
-            "top": [{"class": c, "probability": p} for c, p in top],
         }
 
     return app
 
 
-def _decode(predictor: Predictor, data: bytes, name: str) -> Any:
-    """The upload as a batch of one; a refusal is 422, a decode failure 400, never a 500."""
+def _decode(predictor: Predictor, data: bytes, name: str, tta: str) -> Any:
+    """The upload as a uint8 batch of one; a refusal is 422, a decode failure 400, never 500."""
     try:
-        return predictor.load(io.BytesIO(data)).unsqueeze(0)
+        return predictor.load_uint8(io.BytesIO(data), tta).unsqueeze(0)
     except ImageRefused as exc:
         raise HTTPException(422, f"image refused: {name} is {exc.reason}") from None
     except (OSError, SyntaxError, ValueError) as exc:
@@ -353,16 +362,16 @@ function showError(message) {
 
 function showResults(data) {
   results.replaceChildren();
-  for (const item of data.top) {
+  for (const item of data.predictions) {
     const li = document.createElement("li");
     li.className = "prediction";
-    li.dataset.class = item.class;
-    const pct = (100 * item.probability).toFixed(1);
+    li.dataset.class = item.label;
+    const pct = (100 * item.score).toFixed(1);
     const name = document.createElement("div");
     name.className = "name";
     const label = document.createElement("span");
     label.className = "label";
-    label.textContent = item.class;
+    label.textContent = item.label;
     const value = document.createElement("span");
     value.textContent = pct + "%";
     name.append(label, value);
@@ -375,7 +384,7 @@ function showResults(data) {
     li.append(name, track);
     results.append(li);
   }
-  statusLine.textContent = data.filename + " (" + data.width + " x " + data.height + ")";
+  statusLine.textContent = data.path + " (" + data.width + " x " + data.height + ")";
   document.body.dataset.state = "done";
 }
 

@@ -324,7 +324,10 @@ class TrainConfig(BaseModel):
         json_schema_extra={UNSET: "--img-size"},
     )
     tta: Literal["none", "flip", "multicrop"] = Field(
-        "none", description="test-time augmentation of the final test: none, flip, multicrop"
+        "none",
+        description="test-time augmentation (train: of the final test): none, flip (mean of the "
+        "image and its mirror image, 2x the compute), multicrop (centre and 4 corner crops, "
+        "each mirrored, 10x)",
     )
     lr_find: bool = Field(
         False,
