@@ -113,7 +113,7 @@ def test_a_pinned_strategy_runs_one_ordinary_run(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, [*args, "--strategy", "freeze_last", "--epochs", "3"])
     assert result.exit_code == 2, result.output
     (config,) = seen
-    assert (config.recipe, config.strategy, config.epochs) == (None, "freeze_last", 3)
+    assert (config.recipe, config.strategy, config.epochs) == ("auto", "freeze_last", 3)
 
 
 class SamplerRecord(Callback):

@@ -135,7 +135,7 @@ def test_serve_answers_for_an_ensemble(runs) -> None:
     photo = sorted((runs["root"] / "data").rglob("*.jpg"))[0]
     response = client.post("/api/predict", files={"file": (photo.name, photo.read_bytes())})
     assert response.status_code == 200, response.text
-    assert response.json()["top"][0]["class"] == predictor.predict(photo)[0][0][0]
+    assert response.json()["predictions"][0]["label"] == predictor.predict(photo)[0][0][0]
 
 
 def run_exported(fmt: str, model_path: Path, batch: torch.Tensor) -> torch.Tensor:

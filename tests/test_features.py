@@ -202,6 +202,7 @@ def test_results_file_and_report_name_the_paths(runs):
         "workers",
         "depthwise_grad",
         "allocator",
+        "augmentation",
     }
     # The linear probe trains no convolution, so the depthwise backward is not switched.
     assert results["speed_paths"]["depthwise_grad"] == "native"

@@ -64,15 +64,14 @@ from inat_finetune.experiments.auto_plan import (
 from inat_finetune.models.backbones import get_model
 from inat_finetune.models.stages import backbone_stages
 from inat_finetune.runfiles import new_run_dir, read_json, write_json_atomic
-from inat_finetune.runtime.distributed import plan_world
-from inat_finetune.runtime.hardware import resolve_accelerator
 from inat_finetune.training import run as training_run
 from inat_finetune.training.config import TrainConfig
 from inat_finetune.training.outputs import write_figures_and_report
+from inat_finetune.training.preflight import check_machine
 from inat_finetune.training.probe_run import PROBE_RECIPE
 from inat_finetune.training.recipe_configs import given_options, with_recipe
 from inat_finetune.training.recipes import AUTO, recipe_values
-from inat_finetune.training.setup import split_for_run
+from inat_finetune.training.setup import check_before_building, prepare_processes, split_for_run
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +99,8 @@ def train_or_choose(
     else one ordinary run (``auto`` with what trains pinned runs as the built-in defaults)."""
     if config.recipe != AUTO:
         return training_run.train(config, split=split, progress=progress, report=report)
-    if pins_what_trains(config):
-        plain = config.model_copy(update={"recipe": None})
-        return training_run.train(plain, split=split, progress=progress, report=report)
+    if pins_what_trains(config):  # config.yaml keeps recipe auto: passed back, it pins again
+        return training_run.train(config, split=split, progress=progress, report=report)
     return choose_and_train(config, split=split, progress=progress, report=report)
 
 
@@ -298,21 +296,13 @@ def choose_and_train(
 ) -> training_run.RunResult:
     """Choose a recipe by successive halving on validation folds, then train the winner on all
     labelled images (or the given split); see the module docstring."""
-    if config.data is None and split is None:
-        raise UserError("--data is required: the folder that holds the images")
-    world = plan_world(config.devices, config.num_nodes, resolve_accelerator(config.accelerator))
-    if world.processes > 1:
-        raise UserError(
-            f"--recipe auto runs in one process, not {world.processes}: pass --devices 1, or "
-            "a recipe (--recipe strong) or --strategy to train on several devices"
-        )
-    split = split_for_run(config, progress, given=split)
+    split = check_and_split(config, split, progress)
     count = sum(map(len, labelled(split).values()))
     budget = parse_budget(config.budget, count)
     name = config.run_name or f"{config.backbone}-auto"
-    where = new_run_dir(config.output, f"{name}-{CANDIDATES_DIR}")
     deadline = time.perf_counter() + 60 * budget.amount if budget.unit == "m" else None
-    runner = CandidateRunner(config, split, where, deadline)
+    runner = CandidateRunner(config, split, Path(), deadline)  # a bad backbone fails here
+    where = runner.where = new_run_dir(config.output, f"{name}-{CANDIDATES_DIR}")
     log.info(
         "auto: %d candidates, %s, scored on %s; budget %s",
         len(runner.table),
@@ -345,6 +335,25 @@ def choose_and_train(
     if report:
         write_figures_and_report(result.run_dir)
     return training_run.RunResult(run_dir=result.run_dir, results=results)
+
+
+def check_and_split(
+    config: TrainConfig, split: DataSplit | None, progress: bool
+) -> DataSplit:
+    """What every run checks before it touches a file (the machine, the extras, the processes,
+    the data), then the split; ``auto`` runs in one process."""
+    if config.data is None and split is None:
+        raise UserError("--data is required: the folder that holds the images")
+    check_machine(config)
+    processes = prepare_processes(config)
+    if processes.world.processes > 1:
+        raise UserError(
+            f"--recipe auto runs in one process, not {processes.world.processes}: pass "
+            "--devices 1, or a recipe (--recipe strong) or --strategy to train on several devices"
+        )
+    split = split_for_run(config, progress, given=split)
+    check_before_building(config, split, processes.world)
+    return split
 
 
 def final_epochs(config: TrainConfig, winner: Candidate, halving: Halving) -> int:
