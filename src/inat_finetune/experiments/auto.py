@@ -337,9 +337,7 @@ def choose_and_train(
     return training_run.RunResult(run_dir=result.run_dir, results=results)
 
 
-def check_and_split(
-    config: TrainConfig, split: DataSplit | None, progress: bool
-) -> DataSplit:
+def check_and_split(config: TrainConfig, split: DataSplit | None, progress: bool) -> DataSplit:
     """What every run checks before it touches a file (the machine, the extras, the processes,
     the data), then the split; ``auto`` runs in one process."""
     if config.data is None and split is None:
