@@ -79,12 +79,11 @@ def test_a_time_budget_stops_before_a_round_that_would_not_fit():
 
 
 def test_budget_parsing_and_its_default_from_the_data_size():
-    assert parse_budget("10m", 100) == Budget(10.0, "m")
-    assert parse_budget("20e", 100) == Budget(20.0, "e")
-    assert parse_budget(None, 244) == Budget(8.0, "e")
-    assert parse_budget(None, 10_000) == Budget(4.0, "e")
+    assert parse_budget("10m") == Budget(10.0, "m")
+    assert parse_budget("20e") == Budget(20.0, "e")
+    assert parse_budget(None) == Budget(4.0, "e")
     with pytest.raises(UserError, match="--budget 10h: give minutes like 10m"):
-        parse_budget("10h", 100)
+        parse_budget("10h")
     with pytest.raises(UserError, match="budget"):
         load_config(None, budget="ten minutes")
 

@@ -298,7 +298,7 @@ def choose_and_train(
     labelled images (or the given split); see the module docstring."""
     split = check_and_split(config, split, progress)
     count = sum(map(len, labelled(split).values()))
-    budget = parse_budget(config.budget, count)
+    budget = parse_budget(config.budget)
     name = config.run_name or f"{config.backbone}-auto"
     deadline = time.perf_counter() + 60 * budget.amount if budget.unit == "m" else None
     runner = CandidateRunner(config, split, Path(), deadline)  # a bad backbone fails here

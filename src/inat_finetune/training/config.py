@@ -250,7 +250,7 @@ class TrainConfig(BaseModel):
         pattern=r"^\d+(\.\d+)?[me]$",
         description="--recipe auto: time for choosing, in minutes (10m) or candidate epochs (20e)",
         json_schema_extra={
-            UNSET: "8e under 2000 labelled images, else 4e",
+            UNSET: "4e",
             **COMPARE["json_schema_extra"],  # for compare --recipes auto
         },
     )
