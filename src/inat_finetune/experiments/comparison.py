@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from inat_finetune.data.folders import DataSplit
 from inat_finetune.errors import UserError
+from inat_finetune.experiments.auto import train_or_choose
 from inat_finetune.models.freezing import STRATEGIES
 from inat_finetune.runfiles import new_run_dir, write_json_atomic, write_text_atomic
 from inat_finetune.runtime.distributed import broadcast_from_zero, shared_directory
@@ -196,6 +197,27 @@ def _run_config(
     return config.model_copy(update=update)
 
 
+def _timed_rows(
+    kind: str,
+    names: Sequence[str],
+    comparison_dir: Path,
+    run_one: Callable[[str, int], Any],
+    name_strategy: bool = False,
+) -> list[dict[str, Any]]:
+    """One run per name, in order (``run_one(name, index)``), timed; a row of the table each
+    (``name_strategy``: the row also says which strategy the run trained)."""
+    rows: list[dict[str, Any]] = []
+    for index, name in enumerate(names):
+        log.info("%s %s (%d of %d)", kind, name, index + 1, len(names))
+        started = time.perf_counter()
+        result = run_one(name, index)
+        elapsed = time.perf_counter() - started
+        rows.append(_row(name, result.run_dir, comparison_dir, result.results, elapsed))
+        if name_strategy:
+            rows[-1]["trained_strategy"] = result.results["strategy"]
+    return rows
+
+
 def _train_each_strategy(
     config: TrainConfig,
     strategies: Sequence[str],
@@ -204,23 +226,20 @@ def _train_each_strategy(
     progress: bool,
     report: bool,
 ) -> list[dict[str, Any]]:
-    """One run per strategy on the shared split, in order; a row of the table for each."""
-    rows: list[dict[str, Any]] = []
-    for strategy in strategies:
-        log.info("Strategy %s (%d of %d)", strategy, len(rows) + 1, len(strategies))
-        started = time.perf_counter()
-        result = train(
+    """One run per strategy on the shared split, in order."""
+
+    def run_one(strategy: str, index: int) -> Any:
+        # The linear probe's one pass over the backbone also stores what the strategies after
+        # it reuse (the output of their frozen prefix).
+        return train(
             _run_config(config, comparison_dir, strategy),
             split=split,
             progress=progress,
             report=report,
-            # The linear probe's one pass over the backbone also stores what the strategies
-            # after it reuse (the output of their frozen prefix).
-            share_features_with=strategies[len(rows) + 1 :],
+            share_features_with=strategies[index + 1 :],
         )
-        elapsed = time.perf_counter() - started
-        rows.append(_row(strategy, result.run_dir, comparison_dir, result.results, elapsed))
-    return rows
+
+    return _timed_rows("Strategy", strategies, comparison_dir, run_one)
 
 
 def _train_each_recipe(
@@ -232,12 +251,8 @@ def _train_each_recipe(
     report: bool,
 ) -> list[dict[str, Any]]:
     """One run per recipe on the shared split (``auto``: its choice, then its winner's run)."""
-    from inat_finetune.experiments.auto import train_or_choose
 
-    rows: list[dict[str, Any]] = []
-    for recipe in recipes:
-        log.info("Recipe %s (%d of %d)", recipe, len(rows) + 1, len(recipes))
-        started = time.perf_counter()
+    def run_one(recipe: str, index: int) -> Any:
         run_config = with_recipe(
             config,
             recipe,
@@ -245,11 +260,9 @@ def _train_each_recipe(
             run_name=recipe,
             wandb_group=comparison_dir.name,
         )
-        result = train_or_choose(run_config, split=split, progress=progress, report=report)
-        elapsed = time.perf_counter() - started
-        row = _row(recipe, result.run_dir, comparison_dir, result.results, elapsed)
-        rows.append({**row, "trained_strategy": result.results["strategy"]})
-    return rows
+        return train_or_choose(run_config, split=split, progress=progress, report=report)
+
+    return _timed_rows("Recipe", recipes, comparison_dir, run_one, name_strategy=True)
 
 
 def _train_the_best_longer(
