@@ -54,32 +54,28 @@ class ComparisonResult:
     comparison: dict[str, Any]
 
 
-def parse_strategies(text: str) -> list[str]:
-    strategies = [s.strip() for s in text.split(",") if s.strip()]
-    unknown = [s for s in strategies if s not in STRATEGIES]
-    if unknown or not strategies:
+def parse_names(text: str, known: Sequence[str], option: str, kind: str) -> list[str]:
+    """A comma-separated list of known names, each once; else one line naming ``option``."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
         raise UserError(
-            f"--strategies {text}: unknown {unknown or 'empty list'}; use a comma-separated "
-            f"list of {', '.join(STRATEGIES)}"
+            f"{option} {text}: unknown {unknown or 'empty list'}; use a comma-separated list "
+            f"of {', '.join(known)}"
         )
-    if len(set(strategies)) != len(strategies):
-        raise UserError(f"--strategies {text}: a strategy is listed twice")
-    return strategies
+    if len(set(names)) != len(names):
+        raise UserError(f"{option} {text}: a {kind} is listed twice")
+    return names
+
+
+def parse_strategies(text: str) -> list[str]:
+    """``--strategies freeze_last,none``: known strategy names, each once."""
+    return parse_names(text, STRATEGIES, "--strategies", "strategy")
 
 
 def parse_recipes(text: str) -> list[str]:
     """``--recipes auto,seed,strong``: known recipe names, each once."""
-    known = [AUTO, *RECIPES]
-    recipes = [r.strip() for r in text.split(",") if r.strip()]
-    unknown = [r for r in recipes if r not in known]
-    if unknown or not recipes:
-        raise UserError(
-            f"--recipes {text}: unknown {unknown or 'empty list'}; use a comma-separated list "
-            f"of {', '.join(known)}"
-        )
-    if len(set(recipes)) != len(recipes):
-        raise UserError(f"--recipes {text}: a recipe is listed twice")
-    return recipes
+    return parse_names(text, [AUTO, *RECIPES], "--recipes", "recipe")
 
 
 def select_best(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 on stored features."""
 
 from inat_finetune.tasks.classification import FineTuneModule
-from inat_finetune.tasks.linear_probe import ProbeFit, fit_probe, folds_for, probe_cv_score
+from inat_finetune.tasks.linear_probe import ProbeFit, fit_probe, folds_for
 from inat_finetune.tasks.optim import TrainingPlan, plan_from_config
 
 __all__ = [
@@ -12,5 +12,4 @@ __all__ = [
     "fit_probe",
     "folds_for",
     "plan_from_config",
-    "probe_cv_score",
 ]

@@ -16,10 +16,6 @@ it and its mirror, as ``--tta flip`` does) and ``flip_train_tta`` (mirrors are a
 rows). An image and its mirror are always in the same fold (``groups``): split across folds,
 the mirror of a held-out photo would be in training and CV would choose too small a penalty.
 
-``probe_cv_score(features, labels, groups, folds)`` is the score one candidate gets on given
-folds (``--recipe auto`` calls it): rows sharing a group are views of one image, the first of
-them its plain view; it returns (CV accuracy per image, chosen weight decay).
-
 Why hand-written, not scikit-learn: sklearn is not a dependency, and what is needed here is
 ~100 lines of torch on the tensors the feature cache already holds: ``LogisticRegressionCV``
 has no grouped folds of its own (it takes a splitter) and no flip-TTA scoring, and fits each
@@ -283,18 +279,6 @@ def best_of(scores: dict[float, float]) -> tuple[float, float]:
     """(accuracy, weight decay) of the best grid point; on a tie the larger penalty."""
     wd = max(scores, key=lambda w: (scores[w], w))
     return scores[wd], wd
-
-
-def probe_cv_score(
-    features: torch.Tensor,
-    labels: torch.Tensor,
-    groups: torch.Tensor,
-    folds: torch.Tensor,
-    grid: tuple[float, ...] = GRID,
-    tta: bool = False,
-) -> tuple[float, float]:
-    """A linear probe's CV accuracy on given folds and the weight decay that reached it."""
-    return best_of(cv_scores(features, labels, groups, folds, grid, tta))
 
 
 def views(
