@@ -253,3 +253,18 @@ def test_auto_on_several_processes_is_refused_with_the_fix(tmp_path):
     with pytest.raises(UserError, match="--recipe auto runs in one process, not 2"):
         auto.train_or_choose(config, progress=False)
     assert not any(tmp_path.iterdir())  # refused before the data is read or a folder made
+
+
+def test_an_ensemble_tries_only_the_head_only_candidates(tmp_path):
+    """--backbone a,b trains only its head: the fine-tuning candidates are ruled out, saying why."""
+    split = tiny_split(tmp_path)
+    config = load_config(
+        None,
+        data=str(tmp_path / "data"),
+        backbone="mobilenet_v2,tf_efficientnet_lite0",
+        output=str(tmp_path / "runs"),
+    )
+    runner = auto.CandidateRunner(config, split, tmp_path, None)
+    assert list(runner.table) == ["probe"]
+    assert set(runner.ruled_out) == {"bn_head", "lp_ft", "last_stages"}
+    assert all("--backbone" in why for why in runner.ruled_out.values())

@@ -172,7 +172,10 @@ def test_members_stay_frozen_in_eval_mode_and_normalise_inside() -> None:
 @pytest.mark.parametrize(
     "options, fix",
     [
-        ({}, "use --strategy freeze_last instead of --strategy freeze_except_bn_and_fc"),
+        (
+            {"recipe": "bn_head"},
+            "use --strategy freeze_last instead of --strategy freeze_except_bn_and_fc",
+        ),
         ({"strategy": "none"}, "use --strategy freeze_last instead of --strategy none"),
         ({"recipe": "strong"}, "drop --train-from, --lp-epochs and --unfreeze-schedule"),
         ({"strategy": "freeze_last", "frozen_bn": "train"}, "use --frozen-bn eval"),

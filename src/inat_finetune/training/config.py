@@ -33,7 +33,12 @@ from inat_finetune.training.bounds import (
     MAX_WEIGHT_DECAY,
     MAX_WORKERS,
 )
-from inat_finetune.training.recipes import merge_layers, recipe_values, why_not_for_the_probe
+from inat_finetune.training.recipes import (
+    SCHEDULE_KEYS,
+    merge_layers,
+    recipe_values,
+    why_not_for_the_probe,
+)
 
 STAGED = "staged"  # the strategy of a run whose stage schedule decides what trains
 
@@ -402,6 +407,8 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _ensemble_trains_its_head_only(self) -> TrainConfig:
+        if self.recipe == "auto" and not {"strategy", *SCHEDULE_KEYS} & self.model_fields_set:
+            return self  # auto chooses what trains, and tries only what an ensemble can
         why = why_not_for_an_ensemble(
             self.backbone, self.strategy, self.strategy == STAGED, self.frozen_bn, self.weights
         )
