@@ -24,6 +24,7 @@ from inat_finetune.experiments.auto_plan import (
 )
 from inat_finetune.training import run as training_run
 from inat_finetune.training.config import load_config
+from inat_finetune.training.recipe_configs import with_recipe
 from inat_finetune.training.setup import split_for_run
 
 QUALITY = {"a": 0.9, "b": 0.5, "c": 0.7, "d": 0.6, "e": 0.4, "f": 0.8, "g": 0.3, "h": 0.2}
@@ -86,6 +87,16 @@ def test_budget_parsing_and_its_default_from_the_data_size():
         parse_budget("10h")
     with pytest.raises(UserError, match="budget"):
         load_config(None, budget="ten minutes")
+
+
+def test_the_probe_takes_its_features_larger_than_the_crop_unless_the_size_is_given():
+    probe = next(c for c in CANDIDATES if c.name == "probe")
+    assert auto.resolve_options(probe, "mobilenet_v2", 2)["img_size"] == 288  # 224 x 1.3
+    runner_config = load_config(None, data="d", backbone="mobilenet_v2")
+    chosen = with_recipe(runner_config, probe.recipe, {"img_size": 288})
+    assert chosen.img_size == 288
+    given = load_config(None, data="d", backbone="mobilenet_v2", img_size=160)
+    assert with_recipe(given, probe.recipe, {"img_size": 288}).img_size == 160  # the user's
 
 
 def test_stratified_folds_cover_every_image_once_and_spread_each_class():

@@ -51,12 +51,14 @@ from inat_finetune.data.folders import DataSplit
 from inat_finetune.errors import UserError
 from inat_finetune.experiments.auto_plan import (
     CANDIDATES,
+    FEATURE_SIZE,
     K_FOLDS,
     LAST_STAGES,
     SMALL_DATA,
     Candidate,
     Halving,
     Scored,
+    feature_size,
     parse_budget,
     stratified_folds,
     successive_halving,
@@ -132,12 +134,16 @@ def refit_split(split: DataSplit) -> DataSplit:
 
 
 def resolve_options(candidate: Candidate, backbone: str, classes: int) -> dict[str, Any]:
-    """The candidate's options with ``LAST_STAGES`` named for this backbone's stages."""
+    """The candidate's options with ``LAST_STAGES`` named for this backbone's stages and
+    ``FEATURE_SIZE`` as pixels for its crop size."""
     options = dict(candidate.options)
-    if options.get("train_from") == LAST_STAGES:
+    if LAST_STAGES in options.values() or FEATURE_SIZE in options.values():
         built = get_model(backbone, num_classes=classes, weights="none")
+    if options.get("train_from") == LAST_STAGES:
         stages = backbone_stages(built.model, built.head)
         options["train_from"] = stages[max(0, len(stages) - 3)].name  # two before the head
+    if options.get("img_size") == FEATURE_SIZE:
+        options["img_size"] = feature_size(built.preprocessing.crop_size)
     return options
 
 

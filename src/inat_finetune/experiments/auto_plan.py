@@ -6,7 +6,8 @@ decision can be tested with cheap fake candidates.
   ``training/recipes.py`` (or None) and options over it, and how many epochs the candidate trains
   per budget epoch (``epoch_scale``: a candidate on cached features costs a few milliseconds per
   epoch, so it gets more of them). ``LAST_STAGES`` in its options stands for the stage two
-  before the head (``train_from`` the last two backbone stages), resolved per backbone.
+  before the head (``train_from`` the last two backbone stages), and ``FEATURE_SIZE`` for the
+  probe's larger feature size (see there), both resolved per backbone.
 * Folds: under ``SMALL_DATA`` labelled images (train + validation), candidates are scored by
   ``K_FOLDS``-fold stratified cross-validation on train + validation, seeded by ``--seed``; else
   on the given train/validation split (one fold). A candidate that trains on images (not on
@@ -43,6 +44,16 @@ K_FOLDS = 5
 LAST_STAGES = "<last two stages>"  # resolved to the stage two before the head, per backbone
 
 
+# The probe's features are taken at FEATURE_SCALE times the backbone's crop size, rounded to a
+# multiple of 32 (224 -> 288), resized and centre-cropped at that size for training and test
+# alike. Why (Touvron et al. 2019, "Fixing the train-test resolution discrepancy"): a network
+# trained on random-resized crops sees objects larger than a centre crop of the same size shows
+# them, so its features fit a test image best at about 1.15-1.3x its training size. Measured on
+# frozen MobileNetV2 features in benchmarks/RESULTS.md ("The probe's feature size").
+FEATURE_SIZE = "<the backbone's crop x FEATURE_SCALE>"
+FEATURE_SCALE = 1.3
+
+
 @dataclass(frozen=True)
 class Candidate:
     name: str
@@ -59,9 +70,10 @@ CANDIDATES: tuple[Candidate, ...] = (
     Candidate(
         "probe",
         "probe",
-        {},
+        {"img_size": FEATURE_SIZE},
         image_folds=None,
-        about="linear probe fitted on cached features (weight decay and flips by CV)",
+        about="linear probe fitted on cached features at 1.3x the crop size (weight decay "
+        "and flips by CV)",
     ),
     Candidate("bn_head", "bn_head", {}, about="BatchNorm + head, augmented (the old default)"),
     Candidate("lp_ft", "strong", {}, about="LP-FT: the strong recipe"),
@@ -78,6 +90,11 @@ CANDIDATES: tuple[Candidate, ...] = (
         about="the last two stages and the head, one-cycle schedule",
     ),
 )
+
+
+def feature_size(crop_size: int) -> int:
+    """The probe's feature size for a backbone of ``crop_size``: ``FEATURE_SIZE``."""
+    return max(32, round(crop_size * FEATURE_SCALE / 32) * 32)
 
 
 @dataclass(frozen=True)
