@@ -1,35 +1,39 @@
 """The floor of the augmented comparison: network time alone, per strategy, on this machine.
 
-    PYTHONPATH=src python benchmarks/compare_floor.py --naive-s 198        # naive time given
-    PYTHONPATH=src python benchmarks/compare_floor.py --run-naive          # or measured here
-    PYTHONPATH=src python benchmarks/compare_floor.py --epochs 5 --repeats 3 --bf16
+    PYTHONPATH=src python benchmarks/compare_floor.py --naive-s 198            # naive time given
+    PYTHONPATH=src python benchmarks/compare_floor.py --naive-s 198 --clock cpu  # shared machine
+    PYTHONPATH=src python benchmarks/compare_floor.py --run-naive --bf16       # all measured here
 
 What it measures: for each of the three strategies ``compare`` runs by default
 (freeze_last, freeze_k_percent, freeze_except_bn_and_fc), the network built the way ``compare``
-builds it (``get_model``, ``apply_strategy`` with --freeze-percent, the ``FineTuneModule`` with
-frozen BatchNorm held in eval mode, channels-last and the fast depthwise backward as on the CPU),
-and, on synthetic normalised batches of --batch-size images at --img-size px:
+builds it on the CPU (``get_model``, ``apply_strategy`` with --freeze-percent, the
+``FineTuneModule`` with frozen BatchNorm held in eval mode, channels-last, the fast depthwise
+backward), and, on synthetic normalised batches of --batch-size images at --img-size px:
 
 * seconds per training image of one optimiser step: forward, cross-entropy, backward through
-  what that strategy trains, Adam step;
-* seconds per evaluation image: forward under ``torch.inference_mode`` in eval mode;
+  what that strategy trains (only its trainable parameters require grad), Adam step;
+* seconds per evaluation image: forward in eval mode under ``torch.inference_mode``;
+* seconds per image of a forward through freeze_k_percent's frozen prefix alone.
 
-each the best of --repeats timings of --steps batches after one warm-up batch, in fp32 (and in
-bf16 autocast with --bf16, where the faster of the two is the floor's precision).
+Each is the best of --repeats timings of --steps batches after one warm-up batch, the timings
+taking turns (so a busy spell of a shared machine slows them alike), in fp32, and also in
+bf16 autocast with --bf16 (the faster of the two is the floor's precision). ``--clock cpu``
+times by the process's CPU seconds / threads instead of the wall clock: on a shared machine
+that is nearer to what the process would take alone, and on a quiet one a lower bound.
 
-The images each strategy must see are counted from the data split exactly as ``compare`` makes
-it (``split_for_run`` with the seed): training images x epochs, validation images x epochs,
-test images once. Their product is the floor: what the run would cost if nothing but the network
-ran (no decoding, augmentation, loader, metrics, checkpoints, reports). ``naive / floor`` is the
-largest speed-up over the naive loop that any pipeline with this network, precision and
-strategy set can reach here.
+The images each strategy must see are counted from the split exactly as ``compare`` makes it
+(``split_for_run`` with the seed): training images x epochs, validation images x epochs, test
+images once. Their product is the floor: what the comparison would cost if nothing but the
+network ran (no decoding, augmentation, loader, metrics, checkpoints, figures). ``naive /
+floor`` is the largest speed-up over the naive loop that any pipeline with this network,
+precision and these strategies can reach here (--naive-s, or --run-naive to time
+``naive_loop.py`` with augmentation in the same process).
 
-The last lines estimate what one shared forward through freeze_k_percent's frozen prefix would
-save at most if freeze_last and freeze_k_percent saw the same augmented images per epoch
-(per-sample seeds depend on the run seed, epoch and index only): freeze_last's forward through
-those blocks, once per training image and epoch, is computed by freeze_k_percent's run already.
-The prefix is the leading blocks of the network (``speed.probing.blocks``) with nothing
-trainable, under freeze_k_percent.
+The last line says what one shared forward through freeze_k_percent's frozen prefix (the
+leading blocks, ``speed.probing.blocks``, with nothing trainable) would save at most if
+freeze_last and freeze_k_percent saw the same augmented images per epoch (per-sample seeds
+depend on the run seed, epoch and index only): freeze_last's forward through those blocks,
+once per training image and epoch, which freeze_k_percent's run computes anyway.
 """
 
 from __future__ import annotations
