@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import TINY_TRAIN, make_class_folders
 
+from inat_finetune.models.checkpoints import read_checkpoint
 from inat_finetune.training.checkpointing import AtomicCheckpointIO
 from inat_finetune.training.config import load_config
 from inat_finetune.training.run import train
@@ -117,6 +118,19 @@ def test_checkpoint_minutes_writes_last_ckpt_during_the_epoch(
     # Mid-epoch saves after steps 1 and 2 of 3, then the end of the epoch (step 3).
     assert [s for s in last_steps if s < 3] == mid_epoch_saves
     assert last_steps[-1] == 3
+
+
+def test_a_run_shorter_than_the_checkpoint_interval_writes_last_ckpt_once_per_epoch(
+    data, tmp_path, saves
+):
+    """The periodic callback (every 10 minutes by default) never fired: training's end must not
+    write the step that the end-of-epoch callback has just written again."""
+    options = {**TINY, "checkpoint_minutes": 1e4, "epochs": 2}
+    run = train(load_config(None, data=str(data), output=str(tmp_path), **options),
+                progress=False, report=False)  # fmt: skip
+    assert [step for name, step in saves if name == "last.ckpt"] == [3, 6]
+    # The last.ckpt left is the one written after the last validation: it resumes as finished.
+    assert read_checkpoint(run.run_dir / "checkpoints" / "last.ckpt")["global_step"] == 6
 
 
 class LrWatch(L.Callback):

@@ -10,6 +10,8 @@ leaves out is added here:
   metrics file never lags behind the checkpoint.
 * ``periodic_last_checkpoint`` writes ``last.ckpt`` during the epoch too (every N steps or
   minutes), so a pre-empted run loses minutes, not an epoch.
+  When training ends it does not write again the step the end-of-epoch callback has just
+  written (``PeriodicLastCheckpoint``): one write per strategy less in a comparison.
 * ``StopOnNonFiniteLoss`` stops the run before a NaN/inf step reaches the weights, so the last
   checkpoint on disk is always a good one.
 * ``AtomicCheckpointIO`` writes every checkpoint to a temporary file and renames it into place:
@@ -277,12 +279,18 @@ class BestAndLastCheckpoint(RelocatableCheckpoint):
     checkpoint's record of the best is never older than ``best.ckpt`` itself.
     """
 
+    last_written_at_step: int | None = None  # the global step of the last last.ckpt written
+
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._retire_results_before_a_new_best(trainer)
         super().on_validation_end(trainer, pl_module)
         # Skipped when the parent just wrote last.ckpt (a new best) at this step.
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        self.last_written_at_step = trainer.global_step
 
     def _retire_results_before_a_new_best(self, trainer: L.Trainer) -> None:
         """A finished run being extended: its ``results.json`` describes ``best.ckpt``, so it
@@ -296,10 +304,38 @@ class BestAndLastCheckpoint(RelocatableCheckpoint):
             (Path(self.dirpath).parent / "results.json").unlink(missing_ok=True)
 
 
+class PeriodicLastCheckpoint(RelocatableCheckpoint):
+    """``last.ckpt`` during the epoch (``periodic_last_checkpoint``), and not once more when
+    training ends if the end-of-epoch callback ``epoch_end`` wrote it at that very step.
+
+    Lightning's ``on_train_end`` writes ``last.ckpt`` from every callback with ``save_last``
+    that has saved nothing itself: with the default every 10 minutes, every run shorter than
+    that wrote the same step's ``last.ckpt`` twice (the second with Lightning's epoch counter at
+    N instead of N - 1, which resuming and extending treat alike: ``epochs_started``,
+    tests/test_resume.py). A run that ends elsewhere (early stopping, a stop mid-epoch) still
+    gets its final ``last.ckpt``."""
+
+    def __init__(self, epoch_end: BestAndLastCheckpoint | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.epoch_end = epoch_end
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if (
+            self.epoch_end is not None
+            and self.epoch_end.last_written_at_step == trainer.global_step
+        ):
+            return
+        super().on_train_end(trainer, pl_module)
+
+
 def periodic_last_checkpoint(
-    dirpath: Path, every_steps: int | None, every_minutes: float | None
+    dirpath: Path,
+    every_steps: int | None,
+    every_minutes: float | None,
+    epoch_end: BestAndLastCheckpoint | None = None,
 ) -> ModelCheckpoint | None:
-    """``last.ckpt`` also during the epoch: every N steps if given, else every N minutes."""
+    """``last.ckpt`` also during the epoch: every N steps if given, else every N minutes
+    (``epoch_end``: the callback that writes it after every validation; see the class)."""
     if every_steps:
         trigger: dict[str, Any] = {"every_n_train_steps": every_steps}
     elif every_minutes:
@@ -308,8 +344,13 @@ def periodic_last_checkpoint(
         return None
     # No version counter: the end-of-epoch checkpoint callback writes the same last.ckpt, and
     # each must replace it rather than start last-v1.ckpt.
-    return RelocatableCheckpoint(
-        dirpath=dirpath, save_top_k=0, save_last=True, enable_version_counter=False, **trigger
+    return PeriodicLastCheckpoint(
+        epoch_end=epoch_end,
+        dirpath=dirpath,
+        save_top_k=0,
+        save_last=True,
+        enable_version_counter=False,
+        **trigger,
     )
 
 

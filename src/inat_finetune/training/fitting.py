@@ -64,7 +64,7 @@ def build_trainer(
         save_on_train_epoch_end=False,
     )
     periodic = periodic_last_checkpoint(
-        run_dir / "checkpoints", config.checkpoint_steps, config.checkpoint_minutes
+        run_dir / "checkpoints", config.checkpoint_steps, config.checkpoint_minutes, checkpoint
     )
     run_callbacks: list[Any] = [
         checkpoint,
