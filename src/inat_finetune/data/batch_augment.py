@@ -15,28 +15,52 @@ per image, ``RandomRotation(15)`` with nearest interpolation and black corners; 
 TrivialAugment/RandAugment and random erasing). The parameters are drawn in the worker
 under the sample's own seed (``data.sampling.SeededSamples``: a function of run seed, epoch
 and sample index), so a resumed run augments every sample as the uninterrupted one did,
-whatever the batch composition. The pixels differ from the per-image path's (interpolation
-of the rotation, float arithmetic instead of uint8 rounding between jitter steps): what
-matches is the distribution (``tests/test_batch_augment.py``).
+whatever the batch composition.
 
-Which library, measured on one CPU thread on a batch of 32 (prepared 256x341 uint8 to
-224-px crops; ``benchmarks/data_pipeline.py`` has the loader-level figures):
+How the batch is augmented (``BatchAugment``, seed policy), and what differs from the
+per-image path's pixels (the distributions match: ``tests/test_batch_augment.py``):
 
-==============================  ======================================  ==========================
-step                            torchvision v2 functional, per image    Kornia 0.9, batched
-==============================  ======================================  ==========================
-resized crop (antialiased)      21 ms                                   127 ms (``roi_align``)
-colour jitter (hue included)    162 ms                                  186 ms
-rotation                        37 ms                                   41 ms
-==============================  ======================================  ==========================
+* ``resized_crops``: each crop box through torch's antialiased ``interpolate`` in
+  channels-last uint8 (bit for bit ``F.resized_crop``'s crop), written into a canvas with a
+  black margin and a fourth channel that is 255 on the crop and 0 on the margin;
+* ``flip_rotation_index``: the flip and the nearest-neighbour rotation only move pixels, so
+  they are one ``gather`` of whole RGBA pixels (viewed as int32) from the canvas: the same
+  pixels as ``F.horizontal_flip`` then ``F.rotate``, corners read from the margin;
+* ``colour_matrices``: brightness (``x b``), contrast (``x c + (1 - c) mean grey``),
+  saturation (blend with each pixel's grey: a 3x3 matrix) and hue are affine in RGB, so each
+  image's four steps, in its drawn order, and the normalisation compose into one 3x4 matrix
+  (the contrast's mean grey at its place in the chain is a linear function of the crop's
+  channel means, taken once); one ``baddbmm`` applies all of them, the fourth channel maps
+  the corners to black, and one clamp per channel ends it. Brightness, contrast and
+  saturation are exact in float, but only the end result is clamped to [0, 1]: the per-image
+  path rounds to uint8 and clamps after every step, so a pixel one step pushes past white and
+  the next pulls back keeps its excess here.
+* The hue shift is a rotation of RGB about the grey axis, as NVIDIA DALI's ``hsv`` operator
+  approximates it, not ``F.adjust_hue``'s HSV round trip: it keeps each pixel's chroma where
+  HSV keeps its largest and smallest channel, and turns hues as ``F.adjust_hue`` does to
+  2.1 degrees at the largest shift (18 degrees). Per pixel it differs from ``F.adjust_hue`` by
+  0.017 on average (0-1 scale, mid-range noise images, the shift itself moving them 0.020),
+  where a rotation of YIQ's chroma plane (TensorFlow's ``adjust_hsv_in_yiq``) measured twice
+  as far (largest difference 0.20 against 0.09).
 
-The crop stays torchvision's per image: 6x faster and the same antialiased resize as the
-per-image path. Brightness, contrast, saturation and rotation use Kornia's batched
-functional ops with per-sample factors (``adjust_*_with_*_subtraction`` are torchvision's
-formulas, equal to ~2e-5): on the CPU they are within 15% of a per-image torchvision loop,
-and on a GPU they are a fixed handful of kernels per batch where a per-image loop launches
-~30 per image. Hue, most of the jitter's cost, is hand-written (``shift_hue``): it measured
-half the time of both libraries' (see there).
+Measured on the shared 2-core machine under load (load average 6-8: indicative), one
+thread, a batch of 32 prepared 256x341 uint8 images to 224-px crops, fastest of 10
+interleaved calls (``PYTHONPATH=src python benchmarks/batch_augment_steps.py``; "before" is
+this module at commit 1af1903, timed the same way side by side):
+
+==============================================  ==================================  =======
+step                                            before (per image + Kornia)         now
+==============================================  ==================================  =======
+resized crops                                   27 ms (``F.resized_crop``)          38 ms
+flip, colour jitter, rotation, normalisation    374 ms (jitter 315, rotation 53)    50 ms
+                                                + normalise 6
+whole call                                      437 ms                              80 ms
+==============================================  ==================================  =======
+
+The crops now include the canvas (zeroing, the fourth channel, the per-crop sums); the
+``affine_grid`` + nearest ``grid_sample`` way of rotating measured several times slower than
+the gather, and a bilinear ``grid_sample`` folding crop and rotation together would drop the
+crop's antialiasing. ``benchmarks/data_pipeline.py`` has the loader-level figures.
 """
 
 from __future__ import annotations
@@ -244,27 +268,27 @@ def resized_crops(
     crop in the middle with a fourth channel of 255, ``margin_for(size)`` black pixels with a
     fourth channel of 0 around it; and each crop's channel means in [0, 1] (B x 3).
 
-    torch's ``interpolate`` runs on the box copied to channels-last RGBA memory, the layout its
-    vectorised uint8 kernel works in: 3x faster than the channels-first call (which converts
-    inside), equal to ``F.resized_crop`` bit for bit, and the constant fourth channel stays
-    exactly 255 (``tests/test_batch_augment.py``)."""
+    torch's ``interpolate`` runs on the box copied to channels-last memory, the layout its
+    vectorised uint8 kernel works in, and writes to the canvas without a transposition;
+    equal to ``F.resized_crop`` bit for bit (``tests/test_batch_augment.py``)."""
     mode = v2.InterpolationMode(interpolation).value
     margin = margin_for(size)
     canvas = images.new_zeros(len(rows), size + 2 * margin, size + 2 * margin, 4)
+    inner = canvas[:, margin : margin + size, margin : margin + size]
+    inner[..., 3] = 255
     sums = []
     for k, row in enumerate(rows):
         top, left, height, width = box(row)
-        region = images.new_full((1, height, width, 4), 255)
-        region[..., :3] = images[k, :, top : top + height, left : left + width].permute(1, 2, 0)
-        region = region.permute(0, 3, 1, 2)  # N x 4 x H x W in channels-last memory
+        region = images[k : k + 1, :, top : top + height, left : left + width]
         if mode in ("bilinear", "bicubic"):
+            region = region.contiguous(memory_format=torch.channels_last)
             crop = torch.nn.functional.interpolate(
                 region, size=(size, size), mode=mode, antialias=True, align_corners=False
             )
         else:  # no antialiased kernel in torch: torchvision's own
             crop = F.resize(region, [size, size], interpolation=interpolation, antialias=True)
-        canvas[k, margin : margin + size, margin : margin + size] = crop[0].permute(1, 2, 0)
-        sums.append(crop[0, :3].sum(dim=(1, 2), dtype=torch.float32))  # per crop: 8x faster
+        inner[k, ..., :3] = crop[0].permute(1, 2, 0)
+        sums.append(crop[0].sum(dim=(1, 2), dtype=torch.float32))  # per crop: 8x faster
     return canvas, torch.stack(sums) / (255 * size * size)
 
 
@@ -306,7 +330,7 @@ def jitter_and_rotate(
     rgba = canvas.view(torch.int32).view(b, padded * padded).gather(1, index)
     rgba = rgba.view(torch.uint8).view(b, size * size, 4)
     pixels = torch.empty(b, 4, size * size, device=canvas.device)
-    pixels.copy_(rgba.transpose(1, 2))  # to float, channels first: as fast as in place
+    pixels.copy_(rgba.transpose(1, 2))  # float and channels first in one copy
     matrices, low, high = colour_matrices(params, channel_means, mean, std)
     out = torch.baddbmm(low.view(1, 3, 1), matrices, pixels)
     for channel in range(3):  # a scalar clamp per channel: 3x faster than tensor bounds
@@ -339,9 +363,10 @@ def colour_matrices(
     mean: Sequence[float],
     std: Sequence[float],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each image's colour jitter and normalisation as one B x 3 x 4 matrix on (r, g, b, 1)
-    in 0-255 units, with the normalised black (``low``) subtracted, and the normalised
-    bounds of [0, 1] (``low``, ``high``).
+    """Each image's colour jitter and normalisation as one B x 3 x 4 matrix on a canvas
+    pixel (r, g, b, a), 0-255, a = 255 where the image is and 0 in the rotation's corners:
+    ``low + matrix @ (r, g, b, a)`` is the jittered, normalised pixel, and ``low`` (black,
+    normalised) in the corners. Also the normalised bounds of [0, 1], ``low`` and ``high``.
 
     The four steps are affine in RGB, composed in each image's drawn order: brightness
     ``b x``, saturation ``s x + (1 - s) grey(x)``, hue (``hue_matrix``), and contrast
@@ -375,14 +400,17 @@ def colour_matrices(
     scale = 1 / torch.tensor(std, device=device)
     low = -torch.tensor(mean, device=device) * scale
     high = low + scale
-    # (matrix x / 255 + offset - mean) / std, written as [matrix | offset - black] on (x, 1).
+    # (matrix x / 255 + offset - mean) / std = low + [matrix | offset] (x, 255) / 255 * scale.
     normalised = torch.cat([matrix * scale[:, None], (offset * scale)[..., None]], dim=2) / 255
     return normalised, low, high
 
 
 def hue_matrix(shift: torch.Tensor) -> torch.Tensor:
-    """Each image's hue shift (in turns) as a rotation of RGB about the grey axis (1, 1, 1):
-    NVIDIA DALI's ``hsv`` approximation of the HSV hue shift (Rodrigues' formula)."""
+    """Each image's hue shift (in turns) as a rotation of RGB about the grey axis (1, 1, 1)
+    by that angle (Rodrigues' formula): how NVIDIA DALI's ``hsv`` operator approximates the
+    HSV hue shift ("projected along the neutral (gray) axis, rotated based on the hue
+    delta"). Hues turn as ``F.adjust_hue`` turns them, to 2.1 degrees at the largest shift
+    (18 degrees); see the module docstring for how it differs."""
     angle = shift * (2 * math.pi)
     cos, sin = angle.cos()[:, None, None], angle.sin()[:, None, None]
     axis = torch.full((3,), 1 / math.sqrt(3), device=shift.device)
