@@ -15,39 +15,61 @@ per image, ``RandomRotation(15)`` with nearest interpolation and black corners; 
 TrivialAugment/RandAugment and random erasing). The parameters are drawn in the worker
 under the sample's own seed (``data.sampling.SeededSamples``: a function of run seed, epoch
 and sample index), so a resumed run augments every sample as the uninterrupted one did,
-whatever the batch composition. The pixels differ from the per-image path's (interpolation
-of the rotation, float arithmetic instead of uint8 rounding between jitter steps): what
-matches is the distribution (``tests/test_batch_augment.py``).
+whatever the batch composition.
 
-Which library, measured on one CPU thread on a batch of 32 (prepared 256x341 uint8 to
-224-px crops; ``benchmarks/data_pipeline.py`` has the loader-level figures):
+How the batch is augmented (``BatchAugment``, seed policy), and what differs from the
+per-image path's pixels (the distributions match: ``tests/test_batch_augment.py``):
 
-==============================  ======================================  ==========================
-step                            torchvision v2 functional, per image    Kornia 0.9, batched
-==============================  ======================================  ==========================
-resized crop (antialiased)      21 ms                                   127 ms (``roi_align``)
-colour jitter (hue included)    162 ms                                  186 ms
-rotation                        37 ms                                   41 ms
-==============================  ======================================  ==========================
+* ``resized_crops``: each crop box through torch's antialiased ``interpolate`` in
+  channels-last uint8 (bit for bit ``F.resized_crop``'s crop), written into a canvas with a
+  black margin and a fourth channel that is 255 on the crop and 0 on the margin;
+* ``flip_rotation_index``: the flip and the nearest-neighbour rotation only move pixels, so
+  they are one ``gather`` of whole RGBA pixels (viewed as int32) from the canvas: the same
+  pixels as ``F.horizontal_flip`` then ``F.rotate``, corners read from the margin;
+* ``colour_matrices``: brightness (``x b``), contrast (``x c + (1 - c) mean grey``),
+  saturation (blend with each pixel's grey: a 3x3 matrix) and hue are affine in RGB, so each
+  image's four steps, in its drawn order, and the normalisation compose into one 3x4 matrix
+  (the contrast's mean grey at its place in the chain is a linear function of the crop's
+  channel means, taken once); one ``baddbmm`` applies all of them, the fourth channel maps
+  the corners to black, and one clamp per channel ends it. Brightness, contrast and
+  saturation are exact in float, but only the end result is clamped to [0, 1]: the per-image
+  path rounds to uint8 and clamps after every step, so a pixel one step pushes past white and
+  the next pulls back keeps its excess here.
+* The hue shift is a rotation of RGB about the grey axis, as NVIDIA DALI's ``hsv`` operator
+  approximates it, not ``F.adjust_hue``'s HSV round trip: it keeps each pixel's chroma where
+  HSV keeps its largest and smallest channel, and turns hues as ``F.adjust_hue`` does to
+  2.1 degrees at the largest shift (18 degrees). Per pixel it differs from ``F.adjust_hue`` by
+  0.017 on average (0-1 scale, mid-range noise images, the shift itself moving them 0.020),
+  where a rotation of YIQ's chroma plane (TensorFlow's ``adjust_hsv_in_yiq``) measured twice
+  as far (largest difference 0.20 against 0.09).
 
-The crop stays torchvision's per image: 6x faster and the same antialiased resize as the
-per-image path. Brightness, contrast, saturation and rotation use Kornia's batched
-functional ops with per-sample factors (``adjust_*_with_*_subtraction`` are torchvision's
-formulas, equal to ~2e-5): on the CPU they are within 15% of a per-image torchvision loop,
-and on a GPU they are a fixed handful of kernels per batch where a per-image loop launches
-~30 per image. Hue, most of the jitter's cost, is hand-written (``shift_hue``): it measured
-half the time of both libraries' (see there).
+Measured on the shared 2-core machine under load (load average 6-8: indicative), one
+thread, a batch of 32 prepared 256x341 uint8 images to 224-px crops, fastest of 10
+interleaved calls (``PYTHONPATH=src python benchmarks/batch_augment_steps.py``; "before" is
+this module at commit 1af1903, timed the same way side by side):
+
+==============================================  ==================================  =======
+step                                            before (per image + Kornia)         now
+==============================================  ==================================  =======
+resized crops                                   27 ms (``F.resized_crop``)          38 ms
+flip, colour jitter, rotation, normalisation    374 ms (jitter 315, rotation 53)    50 ms
+                                                + normalise 6
+whole call                                      437 ms                              80 ms
+==============================================  ==================================  =======
+
+The crops now include the canvas (zeroing, the fourth channel, the per-crop sums); the
+``affine_grid`` + nearest ``grid_sample`` way of rotating measured several times slower than
+the gather, and a bilinear ``grid_sample`` folding crop and rotation together would drop the
+crop's antialiasing. ``benchmarks/data_pipeline.py`` has the loader-level figures.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-from kornia import enhance
-from kornia.geometry import transform as kornia_transform
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
@@ -155,20 +177,30 @@ def seeded(seed: int, step: Callable[[torch.Tensor], torch.Tensor], image: torch
         return step(image)
 
 
+class Normalisation(Protocol):
+    """``data.datamodule.ToNormalisedFloat``: what ``BatchAugment`` folds into its matrices."""
+
+    mean: Sequence[float]
+    std: Sequence[float]
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor: ...
+
+
 class BatchAugment:
     """Applies a padded batch's per-sample parameters on the batch's device.
 
     ``policy`` is the recipe's augmentation: ``seed`` (colour jitter and rotation, the original
     write-up's), ``trivialaugment`` or ``randaugment`` (torchvision's, per image under the
     sample's policy seed, on the device). ``normalise`` maps [0, 1] floats to the network's
-    input; random erasing comes after it, as on the per-image path.
+    input (its mean and std are folded into the seed policy's colour matrices); random erasing
+    comes after it, as on the per-image path.
     """
 
     def __init__(
         self,
         crop_size: int,
         interpolation: Any,
-        normalise: Callable[[torch.Tensor], torch.Tensor],
+        normalise: Normalisation,
         policy: str = "seed",
         random_erasing: float = 0.0,
     ) -> None:
@@ -188,35 +220,28 @@ class BatchAugment:
 
     def __call__(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         rows = params.cpu().tolist()  # the crop boxes and seeds as Python numbers
-        crops = torch.stack(
-            [
-                F.resized_crop(
-                    images[k],
-                    *(int(row[c]) for c in (TOP, LEFT, HEIGHT, WIDTH)),
-                    [self.crop_size, self.crop_size],
-                    interpolation=self.interpolation,
-                    antialias=True,
-                )
-                for k, row in enumerate(rows)
-            ]
-        )
+        canvas, channel_means = resized_crops(images, rows, self.crop_size, self.interpolation)
         params = params.to(device=images.device, dtype=torch.float32)
-        flip = params[:, FLIP].bool()
-        crops = torch.where(flip[:, None, None, None], crops.flip(-1), crops)
-        if self.policy_step is not None:
+        if self.policy_step is None:
+            out = jitter_and_rotate(
+                canvas,
+                channel_means,
+                params,
+                self.crop_size,
+                self.normalise.mean,
+                self.normalise.std,
+            )
+        else:
+            crops = crops_of(canvas, self.crop_size)
+            flip = params[:, FLIP].bool()
+            crops = torch.where(flip[:, None, None, None], crops.flip(-1), crops)
             crops = torch.stack(
                 [
                     seeded(int(row[POLICY_SEED]), self.policy_step, crop)
                     for row, crop in zip(rows, crops, strict=True)
                 ]
             )
-            out = crops.float().div_(255)
-        else:
-            out = jitter(crops.float().div_(255), params)
-            out = kornia_transform.rotate(
-                out, params[:, ANGLE], mode="nearest", padding_mode="zeros"
-            )
-        out = self.normalise(out)
+            out = self.normalise(crops)
         if self.erasing is not None:
             out = torch.stack(
                 [
@@ -227,46 +252,173 @@ class BatchAugment:
         return out
 
 
-def jitter(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    """``ColorJitter(0.2, 0.2, 0.2, 0.05)`` with each image's factors and order, on floats
-    in [0, 1]: at each of the four positions, every step applies to the images whose order
-    puts it there."""
-    order = params[:, ORDER].long()
-    steps = (
-        lambda x, p: enhance.adjust_brightness_accumulative(x, p[:, BRIGHTNESS]),
-        lambda x, p: enhance.adjust_contrast_with_mean_subtraction(x, p[:, CONTRAST]),
-        lambda x, p: enhance.adjust_saturation_with_gray_subtraction(x, p[:, SATURATION]),
-        lambda x, p: shift_hue(x, p[:, HUE_SHIFT]),
-    )
-    for position in range(4):
-        for step_id, step in enumerate(steps):
-            chosen = (order[:, position] == step_id).nonzero().flatten()
-            if len(chosen):
-                images[chosen] = step(images[chosen], params[chosen]).clamp_(0, 1)
-    return images
+def margin_for(size: int) -> int:
+    """Black pixels around each crop on the canvas: enough that a crop of ``size`` rotated by
+    up to ``ROTATION`` degrees reads only canvas pixels (its corners reach ``(size - 1) / 2 *
+    (cos + sin)`` from the centre)."""
+    reach = (size - 1) / 2 * (math.cos(math.radians(ROTATION)) + math.sin(math.radians(ROTATION)))
+    return math.ceil(reach - (size - 1) / 2) + 1
 
 
-# Where each output channel (r, g, b) sits on the hue hexagon: HSV to RGB's (5, 3, 1).
-HEXAGON_OFFSETS = (5.0, 3.0, 1.0)
+def resized_crops(
+    images: torch.Tensor, rows: list[list[float]], size: int, interpolation: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image's crop box resized to ``size`` x ``size`` (uint8, antialiased), as
+    ``F.resized_crop`` computes it, on a B x P x P x 4 uint8 canvas (channels last): the
+    crop in the middle with a fourth channel of 255, ``margin_for(size)`` black pixels with a
+    fourth channel of 0 around it; and each crop's channel means in [0, 1] (B x 3).
+
+    torch's ``interpolate`` runs on the box copied to channels-last memory, the layout its
+    vectorised uint8 kernel works in, and writes to the canvas without a transposition;
+    equal to ``F.resized_crop`` bit for bit (``tests/test_batch_augment.py``)."""
+    mode = v2.InterpolationMode(interpolation).value
+    margin = margin_for(size)
+    canvas = images.new_zeros(len(rows), size + 2 * margin, size + 2 * margin, 4)
+    inner = canvas[:, margin : margin + size, margin : margin + size]
+    inner[..., 3] = 255
+    sums = []
+    for k, row in enumerate(rows):
+        top, left, height, width = box(row)
+        region = images[k : k + 1, :, top : top + height, left : left + width]
+        if mode in ("bilinear", "bicubic"):
+            region = region.contiguous(memory_format=torch.channels_last)
+            crop = torch.nn.functional.interpolate(
+                region, size=(size, size), mode=mode, antialias=True, align_corners=False
+            )
+        else:  # no antialiased kernel in torch: torchvision's own
+            crop = F.resize(region, [size, size], interpolation=interpolation, antialias=True)
+        inner[k, ..., :3] = crop[0].permute(1, 2, 0)
+        sums.append(crop[0].sum(dim=(1, 2), dtype=torch.float32))  # per crop: 8x faster
+    return canvas, torch.stack(sums) / (255 * size * size)
 
 
-def shift_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Each image's hue turned by its ``shift`` (in turns): ``F.adjust_hue``'s HSV result
-    (to ~2e-6) without building the HSV image.
+def box(row: Sequence[float]) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a parameter row's crop."""
+    return int(row[TOP]), int(row[LEFT]), int(row[HEIGHT]), int(row[WIDTH])
 
-    A hue shift keeps every pixel's largest and smallest channel (value and saturation), so
-    only the hue is computed, shifted, and mapped straight back through the hexagon. Half
-    the time of Kornia's ``adjust_hue`` and of a per-image ``F.adjust_hue`` loop on a CPU
-    batch (32x3x224x224, one thread: 359 ms against 685 and 709 ms on the loaded 2-core
-    machine; hue is most of the colour jitter's cost).
+
+def crops_of(canvas: torch.Tensor, size: int) -> torch.Tensor:
+    """The B x 3 x size x size uint8 crops on a ``resized_crops`` canvas."""
+    margin = margin_for(size)
+    crops = canvas[:, margin : margin + size, margin : margin + size, :3]
+    return crops.permute(0, 3, 1, 2).contiguous()
+
+
+# torchvision's rgb_to_grayscale weights: the grey that contrast and saturation blend with.
+GREY = (0.2989, 0.587, 0.114)
+
+
+def jitter_and_rotate(
+    canvas: torch.Tensor,
+    channel_means: torch.Tensor,
+    params: torch.Tensor,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> torch.Tensor:
+    """Flip, colour jitter, rotation and normalisation of a ``resized_crops`` canvas of
+    ``size``-px crops (with their channel means): normalised float32 B x 3 x size x size.
+
+    The flip and the nearest-neighbour rotation move pixels without changing them: one
+    ``gather`` of whole RGBA pixels (as int32) from the canvas (``flip_rotation_index``);
+    where the rotated image has no pixel it reads the black margin, whose fourth channel 0
+    lets the colour matrices map it to black. The jitter and the normalisation are one affine
+    colour map per image (``colour_matrices``): one batched matmul and one clamp per channel.
     """
-    top, channel = images.max(dim=1, keepdim=True)
-    chroma = top - images.min(dim=1, keepdim=True).values
-    # Hue in sixths of a turn: (g - b) / chroma when red is largest, 2 + (b - r) / chroma
-    # when green is, 4 + (r - g) / chroma when blue is.
-    ahead = images.roll(-1, dims=1) - images.roll(-2, dims=1)
-    hue = ahead.gather(1, channel).div_(chroma.clamp(min=1e-12)).add_(channel * 2.0)
-    hue = hue.add_(shift.view(-1, 1, 1, 1) * 6).remainder_(6)
-    offsets = torch.tensor(HEXAGON_OFFSETS, device=images.device).view(1, 3, 1, 1)
-    k = (hue + offsets).remainder_(6)
-    return top - chroma * torch.minimum(k, 4 - k).clamp_(0, 1)
+    b, padded = canvas.shape[:2]
+    index = flip_rotation_index(params, size, margin_for(size))
+    rgba = canvas.view(torch.int32).view(b, padded * padded).gather(1, index)
+    rgba = rgba.view(torch.uint8).view(b, size * size, 4)
+    pixels = torch.empty(b, 4, size * size, device=canvas.device)
+    pixels.copy_(rgba.transpose(1, 2))  # float and channels first in one copy
+    matrices, low = colour_matrices(params, channel_means, mean, std)
+    out = torch.baddbmm(low.view(1, 3, 1), matrices, pixels)
+    for channel, (m, s) in enumerate(zip(mean, std, strict=True)):
+        # A scalar clamp per channel, from Python numbers: 3x faster than tensor bounds on the
+        # CPU, and no wait on a GPU.
+        out[:, channel].clamp_(-m / s, (1 - m) / s)
+    return out.view(b, 3, size, size)
+
+
+def flip_rotation_index(params: torch.Tensor, size: int, margin: int) -> torch.Tensor:
+    """B x size² indices into each canvas (``resized_crops``): where each output pixel comes
+    from once the crop is flipped (when drawn) and rotated by its angle, nearest neighbour,
+    counter-clockwise about the centre (``kornia.geometry.rotate``'s and ``F.rotate``'s
+    pixels, ``tests/test_batch_augment.py``).
+
+    Computed directly rather than with ``affine_grid`` and ``grid_sample``, which measured
+    several times slower on the CPU for this nearest-neighbour lookup."""
+    angle = params[:, ANGLE] * (math.pi / 180)
+    cos, sin = angle.cos().view(-1, 1, 1), angle.sin().view(-1, 1, 1)
+    mirror = 1 - 2 * params[:, FLIP].view(-1, 1, 1)  # -1: read the crop mirrored
+    centre = (size - 1) / 2
+    across = torch.arange(size, device=params.device, dtype=torch.float32) - centre
+    x, y = across.view(1, 1, size), across.view(1, size, 1)
+    column = ((cos * mirror) * x + (centre + margin - sin * mirror * y)).round_()
+    row = (sin * x + (cos * y + centre + margin)).round_()
+    return (row * (size + 2 * margin) + column).long().view(-1, size * size)
+
+
+def colour_matrices(
+    params: torch.Tensor,
+    channel_means: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image's colour jitter and normalisation as one B x 3 x 4 matrix on a canvas
+    pixel (r, g, b, a), 0-255, a = 255 where the image is and 0 in the rotation's corners:
+    ``low + matrix @ (r, g, b, a)`` is the jittered, normalised pixel, and ``low`` (black,
+    normalised) in the corners; and ``low``.
+
+    The four steps are affine in RGB, composed in each image's drawn order: brightness
+    ``b x``, saturation ``s x + (1 - s) grey(x)``, hue (``hue_matrix``), and contrast
+    ``c x + (1 - c) grey(mean of the image)``, whose offset needs the image's mean at that
+    point in the chain, a linear function of ``channel_means`` (the crop's, in [0, 1]).
+    """
+    b, device = len(params), params.device
+    eye = torch.eye(3, device=device).expand(b, 3, 3)
+    grey = torch.tensor(GREY, device=device)
+    to_grey = grey.expand(3, 3)  # each row: the grey of (r, g, b)
+    factor = params[:, [BRIGHTNESS, CONTRAST, SATURATION]].view(b, 3, 1, 1)
+    steps = torch.stack(
+        [
+            eye * factor[:, 0],
+            eye * factor[:, 1],
+            eye * factor[:, 2] + (1 - factor[:, 2]) * to_grey,
+            hue_matrix(params[:, HUE_SHIFT]),
+        ],
+        dim=1,
+    )  # B x 4 x 3 x 3, in the order (brightness, contrast, saturation, hue)
+    matrix, offset = eye, torch.zeros(b, 3, device=device)
+    rows = torch.arange(b, device=device)
+    for position in range(4):
+        step = params[:, ORDER][:, position].long()
+        chosen = steps[rows, step]
+        image_mean = torch.einsum("bij,bj->bi", matrix, channel_means) + offset
+        contrast_offset = (1 - factor[:, 1, 0, 0]) * (image_mean @ grey)
+        offset = torch.einsum("bij,bj->bi", chosen, offset)
+        offset = offset + (step == 1).float()[:, None] * contrast_offset[:, None]
+        matrix = chosen @ matrix
+    scale = 1 / torch.tensor(std, device=device)
+    low = -torch.tensor(mean, device=device) * scale
+    # (matrix x / 255 + offset - mean) / std = low + [matrix | offset] (x, 255) / 255 * scale.
+    normalised = torch.cat([matrix * scale[:, None], (offset * scale)[..., None]], dim=2) / 255
+    return normalised, low
+
+
+def hue_matrix(shift: torch.Tensor) -> torch.Tensor:
+    """Each image's hue shift (in turns) as a rotation of RGB about the grey axis (1, 1, 1)
+    by that angle (Rodrigues' formula): how NVIDIA DALI's ``hsv`` operator approximates the
+    HSV hue shift ("projected along the neutral (gray) axis, rotated based on the hue
+    delta"). Hues turn as ``F.adjust_hue`` turns them, to 2.1 degrees at the largest shift
+    (18 degrees); see the module docstring for how it differs."""
+    angle = shift * (2 * math.pi)
+    cos, sin = angle.cos()[:, None, None], angle.sin()[:, None, None]
+    axis = torch.full((3,), 1 / math.sqrt(3), device=shift.device)
+    cross = (
+        torch.tensor([[0.0, -1.0, 1.0], [1.0, 0.0, -1.0], [-1.0, 1.0, 0.0]], device=shift.device)
+        * axis[0]
+    )
+    outer = torch.outer(axis, axis)
+    eye = torch.eye(3, device=shift.device)
+    return cos * eye + sin * cross + (1 - cos) * outer
