@@ -47,6 +47,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -210,7 +211,9 @@ def naive_seconds(args: argparse.Namespace) -> float:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default="/work/shared/datasets/hymenoptera")
+    parser.add_argument(
+        "--data", default=str(Path(__file__).resolve().parents[2] / "shared/datasets/hymenoptera")
+    )
     parser.add_argument("--backbone", default="mobilenet_v2")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
