@@ -15,15 +15,18 @@ from test_auto import auto_config, tiny_split, two_candidates  # noqa: F401 - fi
 from inat_finetune.experiments import auto, auto_time
 from inat_finetune.experiments.auto_plan import (
     PLAN_SHARE,
+    Budget,
     Costs,
+    Scored,
     Work,
     plan_fraction,
     sample_by_class,
+    successive_halving,
     work_seconds,
 )
 from inat_finetune.experiments.auto_time import ShareStop, choice_split
 
-WORKS = [Work(feature_passes=2, fixed_s=5.0), Work(epochs=1), Work(epochs=2), Work(epochs=1)]
+WORKS = [Work(feature_passes=2, fixed_s=25.0), Work(epochs=1), Work(epochs=2), Work(epochs=1)]
 
 
 def test_the_sample_shrinks_when_an_image_costs_more():
@@ -40,6 +43,8 @@ def test_the_sample_shrinks_when_an_image_costs_more():
     # Every image when the budget allows it; none beyond the minimum when set-up eats it all.
     assert plan_fraction(WORKS, cheap, 100, 25, 600.0) == 1.0
     assert plan_fraction(WORKS, cheap, n_train, n_val, 10.0) == 0.0
+    # Never under a few batches of training images: one step would say nothing.
+    assert plan_fraction(WORKS, dear, n_train, n_val, 10.0, min_train=256) == 256 / n_train
 
 
 def test_the_sample_is_stratified_seeded_and_keeps_a_minimum_per_class():
@@ -95,6 +100,7 @@ def test_a_time_budget_chooses_on_a_sample_sized_from_the_costs(
         return Costs(eval_s=1.0, train_s=5.0, setup_s=1.0)
 
     monkeypatch.setattr(auto, "measure_costs", stub)
+    monkeypatch.setattr(auto, "MIN_TRAIN_BATCHES", 1)  # a floor of one batch of 4 of 8 images
     config = auto_config(tmp_path, "runs").model_copy(update={"budget": "1m"})
     result = auto.choose_and_train(config, split=tiny_split(tmp_path), progress=False, report=False)
     chosen = result.results["auto"]
@@ -126,3 +132,21 @@ def test_costs_are_measured_on_a_few_labelled_images(tmp_path):
     # A counting clock: each timed batch of 4 images spans 1 tick (0.25 s per image); set-up
     # (building the model) spans 1 tick plus the fixed run set-up.
     assert costs == Costs(eval_s=0.25, train_s=0.25, setup_s=1.0 + auto_time.RUN_SETUP_S)
+
+
+def test_what_came_before_the_first_round_counts_toward_a_time_budget():
+    now = [0.0]
+
+    def slow(name: str, epochs: int) -> Scored:
+        now[0] += 10.0 * epochs  # ten seconds per epoch: round 0 40 s, round 1 40 s
+        return Scored([{"a": 0.9, "b": 0.5, "c": 0.7, "d": 0.6}[name]], epochs, 10.0 * epochs)
+
+    def rounds(spent_before: float) -> int:
+        now[0] = 0.0
+        halving = successive_halving(
+            list("abcd"), slow, Budget(2, "m"), clock=lambda: now[0], started=-spent_before
+        )
+        return len(halving.rounds)
+
+    assert rounds(30.0) == 2  # 30 + 40 + 40 = 110 s fits 2 minutes
+    assert rounds(50.0) == 1  # 50 + 40 + 40 = 130 s does not

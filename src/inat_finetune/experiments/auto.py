@@ -55,6 +55,7 @@ from inat_finetune.experiments.auto_plan import (
     CANDIDATES,
     K_FOLDS,
     LAST_STAGES,
+    MIN_TRAIN_BATCHES,
     PROBE_FIT_S,
     SMALL_DATA,
     Budget,
@@ -353,7 +354,9 @@ def choose_and_train(
     )
     for ruled_out, why in runner.ruled_out.items():
         log.info("auto: %s not tried: %s", ruled_out, why)
-    halving = successive_halving(list(runner.table), runner.evaluate, budget)
+    halving = successive_halving(
+        list(runner.table), runner.evaluate, budget, started=choice_started
+    )
     choice_seconds = time.perf_counter() - choice_started
     winner = runner.table[halving.winner]
     refit = config.refit if config.refit is not None else count < SMALL_DATA
@@ -394,11 +397,13 @@ def plan_sample(
         costs = runner.costs = measure_costs(runner.config, split)
         left = 60 * budget.amount - (time.perf_counter() - started)
         works = [runner.work(name, 1) for name in runner.table]
-        fraction = plan_fraction(works, costs, n_train, n_val, left)
+        least = MIN_TRAIN_BATCHES * runner.config.batch_size
+        fraction = plan_fraction(works, costs, n_train, n_val, left, min_train=least)
         runner.use(choice_split(split, fraction, runner.config.seed))
         summary = {
             "fraction": round(fraction, 4),
             "costs": costs.as_results(),
+            "min_train_images": least,
             "measured_s": round(time.perf_counter() - started, 2),
             "seed": runner.config.seed,
             "stratified": "per class, from train and from validation",
