@@ -18,7 +18,10 @@ While a candidate trains, ``ShareStop`` ends its run between two batches once it
 seconds (``auto_plan.work_seconds``) times ``SLACK`` are spent, or at the budget's end;
 Lightning then validates the epoch it stopped in, so the candidate keeps a score, and its round
 records how far it got (``interrupted``: steps done of the steps planned). The probe's feature
-passes cannot stop in the middle of a pass: the sample is what bounds them.
+passes and its fit cannot stop midway: the sample bounds the passes, and the fit is costed as a
+fixed ``auto_plan.PROBE_FIT_S``. The sample never drops under ``auto_plan.MIN_TRAIN_BATCHES``
+batches of training images: a budget too small for that is overrun, by at most the candidates'
+shares.
 
 Why measured, not looked up: the seconds per image depend on the backbone, the image size, the
 machine and its load (two shared cores here), and one batch of each kind costs a few seconds.
