@@ -20,8 +20,9 @@ Lightning then validates the epoch it stopped in, so the candidate keeps a score
 records how far it got (``interrupted``: steps done of the steps planned). The probe's feature
 passes and its fit cannot stop midway: the sample bounds the passes, and the fit is costed as a
 fixed ``auto_plan.PROBE_FIT_S``. The sample never drops under ``auto_plan.MIN_TRAIN_BATCHES``
-batches of training images: a budget too small for that is overrun, by at most the candidates'
-shares.
+batches of training images: a budget too small for that ends at the deadline, overrun only by
+the run under way then (its next batch and its validation; the probe's run whole), since no
+candidate starts after it once one has a score.
 
 Why measured, not looked up: the seconds per image depend on the backbone, the image size, the
 machine and its load (two shared cores here), and one batch of each kind costs a few seconds.
