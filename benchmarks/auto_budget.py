@@ -1,6 +1,7 @@
 """Does ``--recipe auto`` choose within ``--budget`` on data the size of nature_12K? Timing only.
 
     PYTHONPATH=src python benchmarks/auto_budget.py --budget 2m            # ~10,000 images
+    PYTHONPATH=src python benchmarks/auto_budget.py --budget 2m --img-size 224   # train's default
     PYTHONPATH=src python benchmarks/auto_budget.py --images 3000 --budget 1m --img-size 64
 
 Makes a folder the size of nature_12K's training set out of the flowers photos
@@ -11,11 +12,13 @@ test photo byte-identical to a training one, so photos with the same bytes count
 Repeated photos make the accuracy meaningless: this measures only how long the choice takes.
 
 Then runs ``inat-finetune train`` (the API's ``train``: ``--recipe auto``, its default) with
-``--budget`` and ``--epochs 1`` for the final run, and prints the choice's seconds against the
-budget (``results.json``'s ``auto.choice_seconds``), the candidates' rounds, and the wall time.
-With a time budget a training under way stops at the deadline; what cannot stop is the first
-fold's start (scanning is before the choice; the probe's one feature pass over every image is
-inside it), so a budget below that pass is overrun by it.
+``--budget`` and ``--epochs 1`` for the final run, and prints the phases: scanning and
+splitting (before the budget), the choice's seconds against the budget (``results.json``'s
+``auto.choice_seconds``: measuring the costs, then the candidates' rounds), the sample the
+choice used, and the final run (after the budget). A time budget sizes the sample so that
+round 0 fits, and stops a candidate's training between batches at its share; the probe's
+feature passes cannot stop midway, so only a machine far slower than its first batches said
+makes them overrun.
 """
 
 from __future__ import annotations
@@ -92,18 +95,28 @@ def main() -> None:
         )
         wall = time.perf_counter() - started
         chosen = run.results["auto"]
+        sample = chosen["sample"]
         print(f"images: {run.results['num_images']}")
+        print(
+            f"sample: {100 * sample['fraction']:.1f}% -> {sample['train_images']} train, "
+            f"{sample['val_images']} val; costs {sample.get('costs')}; "
+            f"measuring {sample.get('measured_s', 0):.0f} s"
+        )
         for candidate in chosen["candidates"]:
             rounds = ", ".join(
                 f"round {r['round']}: {r['epochs']} epochs x {r['folds']} fold(s) "
                 f"val {100 * r['val_acc']:.1f}% {r['seconds']:.0f} s"
+                + (f" interrupted {r['interrupted']}" if r.get("interrupted") else "")
+                + (f" not run ({r['not_run']})" if r.get("not_run") else "")
                 for r in candidate["rounds"]
             )
             print(f"  {candidate['name']}: {rounds}")
+        final = chosen["refit"]["seconds"]
         print(
             f"budget {chosen['budget']}: choice took {chosen['choice_seconds']:.0f} s "
             f"({chosen['halving_stopped']}); winner {chosen['winner']}; "
-            f"final run {chosen['refit']['seconds']:.0f} s; wall time {wall:.0f} s"
+            f"scan and split {wall - chosen['choice_seconds'] - final:.0f} s; "
+            f"final run {final:.0f} s; wall time {wall:.0f} s"
         )
 
 

@@ -13,9 +13,12 @@ Otherwise ``choose_and_train``:
    labelled images it pools train + validation into stratified folds (``auto_plan``);
 2. runs the candidates of ``auto_plan.CANDIDATES`` by successive halving within ``--budget``,
    each candidate run an ordinary ``training.train`` on one fold (train = the other folds,
-   validation = the fold), kept under ``<run>/candidates/`` without its checkpoints; the choice
-   reads validation accuracy only (candidate runs also test, as every run does, but their test
-   scores are never read here);
+   validation = the fold), kept under ``<run>/candidates/`` without checkpoints
+   (``choice_only``); their splits hold no test image (``auto_time.choice_split``), so the
+   choice reads validation accuracy only and no candidate runs a test pass. A time budget
+   (``10m``) covers the choice alone: the images it uses are a stratified sample sized from
+   seconds per image measured on the first batches, and a candidate stops between batches when
+   its share is spent (``auto_time``);
 3. trains the winner once more (``--refit``, on by default on small data) on every labelled
    image, train + validation, for the epochs validation chose; that run is the run directory
    ``train`` returns, its ``best.ckpt`` the model predict loads, its test accuracy the one
@@ -41,11 +44,10 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
-
-from lightning.pytorch.callbacks import Callback
 
 from inat_finetune.data.folders import DataSplit
 from inat_finetune.errors import UserError
@@ -54,15 +56,24 @@ from inat_finetune.experiments.auto_plan import (
     FEATURE_SIZE,
     K_FOLDS,
     LAST_STAGES,
+    MIN_TRAIN_BATCHES,
+    PROBE_FIT_S,
     SMALL_DATA,
+    Budget,
     Candidate,
+    Costs,
     Halving,
     Scored,
+    Work,
     feature_size,
     parse_budget,
+    plan_fraction,
     stratified_folds,
     successive_halving,
+    work_seconds,
 )
+from inat_finetune.experiments.auto_summary import CANDIDATES_DIR, auto_summary
+from inat_finetune.experiments.auto_time import SLACK, ShareStop, choice_split, measure_costs
 from inat_finetune.models.backbones import get_model
 from inat_finetune.models.stages import backbone_stages
 from inat_finetune.runfiles import new_run_dir, read_json, write_json_atomic
@@ -80,9 +91,6 @@ log = logging.getLogger(__name__)
 
 # Options that say what trains: given, auto runs that one configuration (module docstring).
 PINS_WHAT_TRAINS = ("strategy", "train_from", "lp_epochs", "unfreeze_schedule")
-
-
-CANDIDATES_DIR = "candidates"
 
 
 def pins_what_trains(config: TrainConfig) -> bool:
@@ -113,10 +121,13 @@ def labelled(split: DataSplit) -> dict[str, list[str]]:
     }
 
 
-def fold_splits(split: DataSplit, seed: int) -> list[DataSplit]:
-    """K stratified folds of train + validation on small data, else the given split alone."""
+def fold_splits(split: DataSplit, seed: int, small: bool | None = None) -> list[DataSplit]:
+    """K stratified folds of train + validation on small data, else the given split alone.
+    ``small``: whether the data is small, when ``split`` is a sample of it."""
     pooled = labelled(split)
-    if sum(map(len, pooled.values())) >= SMALL_DATA:
+    if small is None:
+        small = sum(map(len, pooled.values())) < SMALL_DATA
+    if not small:
         return [split]
     folds = stratified_folds(pooled, K_FOLDS, seed)
     made = []
@@ -153,32 +164,27 @@ def min_epochs(candidate: Candidate) -> int:
     return int(preset.get("lp_epochs", 0) or 0) + 1
 
 
-class DeadlineStop(Callback):
-    """Ends a candidate's training at the time budget's deadline (after the current step:
-    Lightning still validates the epoch it stopped in, so the candidate has a score)."""
-
-    def __init__(self, deadline: float) -> None:
-        self.deadline = deadline
-
-    def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
-        if time.perf_counter() >= self.deadline:
-            trainer.should_stop = True
-
-
 class CandidateRunner:
     """Trains one candidate for a round on its folds (``evaluate`` for successive halving).
 
-    With a time budget, ``deadline`` (a ``time.perf_counter`` value) ends the choice: a training
-    under way stops at its next step, and no fold starts after it once any fold has a score, so
-    a candidate never started has no folds (and ranks last)."""
+    With a time budget, ``deadline`` (a ``clock`` value) ends the choice: a training under way
+    stops at its next step, and no fold starts after it once any fold has a score, so a
+    candidate never started has no folds (and ranks last). With ``costs`` measured, each
+    candidate's run also stops at ``SLACK`` times its planned seconds (``auto_time``)."""
 
     def __init__(
-        self, config: TrainConfig, split: DataSplit, where: Path, deadline: float | None = None
+        self,
+        config: TrainConfig,
+        split: DataSplit,
+        where: Path,
+        deadline: float | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        self.config, self.where, self.deadline = config, where, deadline
+        self.config, self.where, self.deadline, self.clock = config, where, deadline, clock
         self.scored_any = False
-        self.split = split
-        self.folds = fold_splits(split, config.seed)
+        self.small = sum(map(len, labelled(split).values())) < SMALL_DATA
+        self.costs: Costs | None = None
+        self.use(choice_split(split, 1.0, config.seed))
         self.options = {
             c.name: resolve_options(c, config.backbone, len(split.classes)) for c in CANDIDATES
         }
@@ -186,6 +192,33 @@ class CandidateRunner:
         self.table = {c.name: c for c in CANDIDATES if c.name not in self.ruled_out}
         self.round_of: dict[str, int] = {}
         self.fitted: dict[str, Scored] = {}
+
+    def use(self, split: DataSplit) -> None:
+        """The images the candidates train and validate on (no test image): all, or a sample."""
+        self.split = split
+        self.folds = fold_splits(split, self.config.seed, self.small)
+
+    def epochs_for(self, candidate: Candidate, budget_epochs: int) -> int:
+        return max(budget_epochs * candidate.epoch_scale, min_epochs(candidate))
+
+    def work(self, name: str, budget_epochs: int) -> Work:
+        """What the candidate does in a round of ``budget_epochs`` (for planning a sample)."""
+        candidate = self.table[name]
+        if candidate.recipe == PROBE_RECIPE:  # two feature passes: plain and mirrored
+            return Work(feature_passes=2, fixed_s=PROBE_FIT_S)
+        epochs = self.epochs_for(candidate, budget_epochs)
+        return Work(epochs=epochs * len(self.folds_for(candidate)))
+
+    def stop_for(self, epochs: int, fold: DataSplit) -> ShareStop | None:
+        """A stop at the run's share of the budget (planned seconds x SLACK), or the deadline."""
+        if self.deadline is None:
+            return None
+        deadline = self.deadline
+        if self.costs is not None:
+            n_train, n_val = (sum(map(len, part.values())) for part in (fold.train, fold.val))
+            planned = work_seconds(Work(epochs=epochs), self.costs, n_train, n_val)
+            deadline = min(deadline, self.clock() + SLACK * planned)
+        return ShareStop(deadline, self.clock)
 
     def refusal(self, candidate: Candidate) -> str | None:
         """Why this run's options rule the candidate out (an ensemble trains only its head,
@@ -223,23 +256,29 @@ class CandidateRunner:
         self.round_of[name] = round_
         if candidate.recipe == PROBE_RECIPE:
             return self.score_probe(candidate, round_)
-        epochs = max(budget_epochs * candidate.epoch_scale, min_epochs(candidate))
-        started = time.perf_counter()
-        scores, best, runs = [], [], []
+        epochs = self.epochs_for(candidate, budget_epochs)
+        started = self.clock()
+        scores, best, runs, interrupted = [], [], [], []
         for index, fold in enumerate(self.folds_for(candidate)):
             if self.out_of_time():
                 break
             config = self.candidate_config(candidate, epochs, f"{name}-round{round_}-fold{index}")
-            stop = [DeadlineStop(self.deadline)] if self.deadline is not None else []
+            stop = self.stop_for(epochs, fold)
             result = training_run.train(
-                config, split=fold, progress=False, report=False, callbacks=stop
+                config,
+                split=fold,
+                progress=False,
+                report=False,
+                callbacks=[stop] if stop else [],
+                choice_only=True,
             )
             self.scored_any = True
-            shutil.rmtree(result.run_dir / "checkpoints", ignore_errors=True)  # never loaded
             scores.append(float(result.results["best_val_acc"]))
             best.append(int(result.results.get("best_epoch") or 0) + 1)
             runs.append(result.run_dir.name)
-        seconds = time.perf_counter() - started
+            if stop is not None and stop.stopped_at is not None:
+                interrupted.append({"fold": index, **stop.stopped_at})
+        seconds = self.clock() - started
         if not scores:
             log.info("auto: %s round %d not run: the time budget is spent", name, round_)
             return Scored([], 0, seconds, [], {"runs": [], "not_run": "the time budget is spent"})
@@ -252,7 +291,8 @@ class CandidateRunner:
             100 * sum(scores) / len(scores),
             seconds,
         )
-        return Scored(scores, epochs, seconds, best, {"runs": runs})
+        extra = {"runs": runs, **({"interrupted": interrupted} if interrupted else {})}
+        return Scored(scores, epochs, seconds, best, extra)
 
     def score_probe(self, candidate: Candidate, round_: int) -> Scored:
         """The probe's score, fitted once: on small data its own grouped k-fold CV over train +
@@ -261,19 +301,21 @@ class CandidateRunner:
         if candidate.name in self.fitted:
             kept = self.fitted[candidate.name]
             return Scored(kept.fold_val_acc, 0, 0.0, kept.best_epochs, {"kept_from_round": 0})
-        started = time.perf_counter()
+        started = self.clock()
         pooled = len(self.folds) > 1
         split = refit_split(self.split) if pooled else self.folds[0]
         config = self.candidate_config(candidate, 1, f"{candidate.name}-round{round_}")
-        result = training_run.train(config, split=split, progress=False, report=False)
+        result = training_run.train(
+            config, split=split, progress=False, report=False, choice_only=True
+        )
         self.scored_any = True
-        shutil.rmtree(result.run_dir / "checkpoints", ignore_errors=True)  # never loaded
+        shutil.rmtree(result.run_dir / "checkpoints", ignore_errors=True)  # the probe writes them
         probe = result.results.get("linear_probe", {})
         score = float(probe["cv_acc"]) if pooled else float(result.results["best_val_acc"])
         scored_on = (
             f"its own {probe.get('folds')}-fold grouped CV of train+val" if pooled else "val"
         )
-        seconds = time.perf_counter() - started
+        seconds = self.clock() - started
         log.info(
             "auto: %s fitted, %.2f%% on %s (%.1f s)",
             candidate.name,
@@ -289,9 +331,7 @@ class CandidateRunner:
 
     def out_of_time(self) -> bool:
         """Past the deadline, once something has a score (the first fold always runs)."""
-        return (
-            self.deadline is not None and self.scored_any and time.perf_counter() >= self.deadline
-        )
+        return self.deadline is not None and self.scored_any and self.clock() >= self.deadline
 
 
 def choose_and_train(
@@ -306,9 +346,11 @@ def choose_and_train(
     count = sum(map(len, labelled(split).values()))
     budget = parse_budget(config.budget)
     name = config.run_name or f"{config.backbone}-auto"
-    deadline = time.perf_counter() + 60 * budget.amount if budget.unit == "m" else None
+    choice_started = time.perf_counter()  # a time budget counts from here: the choice alone
+    deadline = choice_started + 60 * budget.amount if budget.unit == "m" else None
     runner = CandidateRunner(config, split, Path(), deadline)  # a bad backbone fails here
     where = runner.where = new_run_dir(config.output, f"{name}-{CANDIDATES_DIR}")
+    sample = plan_sample(runner, split, budget, choice_started)
     log.info(
         "auto: %d candidates, %s, scored on %s; budget %s",
         len(runner.table),
@@ -318,7 +360,9 @@ def choose_and_train(
     )
     for ruled_out, why in runner.ruled_out.items():
         log.info("auto: %s not tried: %s", ruled_out, why)
-    halving = successive_halving(list(runner.table), runner.evaluate, budget)
+    halving = successive_halving(
+        list(runner.table), runner.evaluate, budget, started=choice_started
+    )
     winner = runner.table[halving.winner]
     refit = config.refit if config.refit is not None else count < SMALL_DATA
     epochs = final_epochs(config, winner, halving)
@@ -336,11 +380,48 @@ def choose_and_train(
     moved = result.run_dir / CANDIDATES_DIR
     shutil.move(str(where), str(moved))
     summary = auto_summary(runner, halving, budget, refit, epochs, refit_seconds, final_split)
+    summary["sample"] = sample  # choice_seconds: the halving's, measuring included
     results = {**read_json(result.run_dir / "results.json"), "auto": summary}
     write_json_atomic(result.run_dir / "results.json", results)
     if report:
         write_figures_and_report(result.run_dir)
     return training_run.RunResult(run_dir=result.run_dir, results=results)
+
+
+def plan_sample(
+    runner: CandidateRunner, split: DataSplit, budget: Budget, started: float
+) -> dict[str, Any]:
+    """Under a time budget, measure the seconds per image and give the runner the sample of
+    labelled images that round 0 of every candidate fits in (``auto_time``); results.json's
+    ``auto.sample``. An epoch budget uses every labelled image."""
+    n_train, n_val = (sum(map(len, part.values())) for part in (split.train, split.val))
+    if runner.small:  # the fine-tuning candidates train on 1 - 1/K of the pooled images
+        n_train, n_val = (n_train + n_val) * (K_FOLDS - 1) // K_FOLDS, (n_train + n_val) // K_FOLDS
+    summary: dict[str, Any] = {"fraction": 1.0}
+    if budget.unit == "m":
+        costs = runner.costs = measure_costs(runner.config, split)
+        left = 60 * budget.amount - (time.perf_counter() - started)
+        works = [runner.work(name, 1) for name in runner.table]
+        least = MIN_TRAIN_BATCHES * runner.config.batch_size
+        fraction = plan_fraction(works, costs, n_train, n_val, left, min_train=least)
+        runner.use(choice_split(split, fraction, runner.config.seed))
+        summary = {
+            "fraction": round(fraction, 4),
+            "costs": costs.as_results(),
+            "min_train_images": least,
+            "measured_s": round(time.perf_counter() - started, 2),
+            "seed": runner.config.seed,
+            "stratified": "per class, from train and from validation",
+        }
+        log.info(
+            "auto: measured %.1f ms per image to evaluate, %.1f ms to train: the choice uses "
+            "%.1f%% of the labelled images",
+            1000 * costs.eval_s,
+            1000 * costs.train_s,
+            100 * fraction,
+        )
+    counted = (sum(map(len, part.values())) for part in (runner.split.train, runner.split.val))
+    return {**summary, **dict(zip(("train_images", "val_images"), counted, strict=True))}
 
 
 def check_and_split(config: TrainConfig, split: DataSplit | None, progress: bool) -> DataSplit:
@@ -366,86 +447,3 @@ def final_epochs(config: TrainConfig, winner: Candidate, halving: Halving) -> in
         return max(config.epochs, min_epochs(winner))
     best = halving.rounds[-1][winner.name].best_epochs or [1]
     return max(round(sum(best) / len(best)), min_epochs(winner))
-
-
-def auto_summary(
-    runner: CandidateRunner,
-    halving: Halving,
-    budget: Any,
-    refit: bool,
-    epochs: int,
-    refit_seconds: float,
-    final_split: DataSplit,
-) -> dict[str, Any]:
-    """results.json's ``auto``: every candidate's rounds, the winner and why it won."""
-    candidates = []
-    for candidate in runner.table.values():
-        rounds = [
-            {
-                "round": index,
-                "epochs": scores[candidate.name].epochs,
-                "folds": len(scores[candidate.name].fold_val_acc),
-                "fold_val_acc": scores[candidate.name].fold_val_acc,
-                "val_acc": scores[candidate.name].val_acc,
-                "best_epochs": scores[candidate.name].best_epochs,
-                "seconds": round(scores[candidate.name].seconds, 2),
-                "runs": scores[candidate.name].extra.get("runs", []),
-                "not_run": scores[candidate.name].extra.get("not_run"),
-                "scored_on": scores[candidate.name].extra.get("scored_on"),
-            }
-            for index, scores in enumerate(halving.rounds)
-            if candidate.name in scores
-        ]
-        candidates.append(
-            {
-                "name": candidate.name,
-                "about": candidate.about,
-                "recipe": candidate.recipe,
-                "options": runner.options[candidate.name],
-                "rounds": rounds,
-                "epochs_trained": sum(r["epochs"] * r["folds"] for r in rounds),
-                "stopped_after_round": halving.stopped_after[candidate.name],
-                "seconds": round(sum(r["seconds"] for r in rounds), 2),
-            }
-        )
-    return {
-        "candidates": candidates,
-        "ruled_out": runner.ruled_out,
-        "winner": halving.winner,
-        "why": why_winner(halving),
-        "selected_by": "val_acc",
-        "scored_on": f"{len(runner.folds)}-fold stratified cross-validation of train+val"
-        if len(runner.folds) > 1
-        else "the validation split",
-        "folds": len(runner.folds),
-        "budget": budget.describe(),
-        "budget_epochs_used": halving.budget_epochs_used,
-        "halving_stopped": halving.why_stopped,
-        "choice_seconds": round(halving.seconds, 2),
-        "candidates_dir": CANDIDATES_DIR,
-        "refit": {
-            "on": refit,
-            "epochs": epochs,
-            "train_images": sum(map(len, final_split.train.values())),
-            "val_is_train": refit,  # the refit's best_val_acc is in-sample
-            "seconds": round(refit_seconds, 2),
-        },
-    }
-
-
-def why_winner(halving: Halving) -> str:
-    """One sentence: the winner's score in the last round, against the best of the others."""
-    last = halving.rounds[-1]
-    winner = halving.winner
-    text = (
-        f"{winner}: highest mean validation accuracy in round {len(halving.rounds) - 1} "
-        f"({100 * last[winner].val_acc:.2f}% over {len(last[winner].fold_val_acc)} fold(s))"
-    )
-    others = [(n, s) for n, s in last.items() if n != winner]
-    if not others:  # it was the last one standing: name the best it beat in the round before
-        earlier = halving.rounds[-2] if len(halving.rounds) > 1 else {}
-        others = [(n, s) for n, s in earlier.items() if n != winner]
-    if others:
-        name, scored = max(others, key=lambda item: item[1].val_acc)
-        text += f", ahead of {name} ({100 * scored.val_acc:.2f}%)"
-    return text

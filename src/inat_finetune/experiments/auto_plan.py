@@ -21,6 +21,12 @@ decision can be tested with cheap fake candidates.
   summed over candidates and rounds; a time budget (``10m``) stops before a round that the
   seconds per budget epoch measured so far say would not fit, and ``experiments/auto.py`` stops
   a training under way at the deadline (the first candidate's first fold always gets a score).
+* A time budget's sample (``plan_fraction``, ``sample_by_class``): the seconds per image measured
+  on the first batches (``Costs``, ``experiments/auto_time.py``) and what each candidate does per
+  image in round 0 (``Work``) give the fraction of the labelled images, the same in every class,
+  that lets round 0 of every candidate fit its part of the budget: ``PLAN_SHARE`` of what is
+  left, divided by the rounds halving needs (later rounds cost about as much as round 0: half
+  the candidates, twice the epochs). An epoch budget uses every image.
 """
 
 from __future__ import annotations
@@ -185,9 +191,13 @@ def successive_halving(
     evaluate: Callable[[str, int], Scored],
     budget: Budget,
     clock: Callable[[], float] = time.perf_counter,
+    started: float | None = None,
 ) -> Halving:
-    """Run ``evaluate(name, budget_epochs)`` round by round, halving the field; see the module."""
-    started = clock()
+    """Run ``evaluate(name, budget_epochs)`` round by round, halving the field; see the module.
+    ``started``: when the choice began on ``clock`` (a time budget counts what came before the
+    first round, such as measuring the costs); by default now."""
+    rounds_started = clock()
+    started = rounds_started if started is None else started
     alive = list(names)
     epochs = first_epochs(budget, len(alive))
     rounds: list[dict[str, Scored]] = []
@@ -208,7 +218,7 @@ def successive_halving(
         if len(alive) == 1:
             break
         next_cost = epochs * len(alive)
-        if not fits(budget, used, next_cost, clock() - started):
+        if not fits(budget, used, next_cost, clock() - started, clock() - rounds_started):
             why = f"the budget ({budget.describe()}) does not fit another round"
             break
     winner = max(alive, key=lambda n: (rounds[-1][n].val_acc, -alive.index(n)))
@@ -217,9 +227,105 @@ def successive_halving(
     return Halving(rounds, stopped, winner, used, clock() - started, why)
 
 
-def fits(budget: Budget, used: int, next_cost: int, elapsed_s: float) -> bool:
-    """Whether a round of ``next_cost`` budget epochs fits what is left of the budget."""
+def fits(
+    budget: Budget, used: int, next_cost: int, elapsed_s: float, rounds_s: float | None = None
+) -> bool:
+    """Whether a round of ``next_cost`` budget epochs fits what is left of the budget:
+    ``elapsed_s`` since the choice began, ``rounds_s`` of it in the rounds (by default all)."""
     if budget.unit == "e":
         return used + next_cost <= budget.amount
-    per_epoch = elapsed_s / max(used, 1)
+    per_epoch = (elapsed_s if rounds_s is None else rounds_s) / max(used, 1)
     return elapsed_s + per_epoch * next_cost <= budget.amount * 60
+
+
+PLAN_SHARE = 0.8  # of a time budget's seconds planned; the rest absorbs what the costs miss
+
+
+MIN_PER_CLASS = 2  # images kept per class and split in a sample (all of a class with fewer)
+
+
+MIN_TRAIN_BATCHES = 8  # a sample trains on at least this many batches (or on every image)
+
+
+# The probe's L-BFGS search over penalties, folds and flips, nearly fixed at these sizes: 24 s
+# of 44 for hymenoptera's 244 images at 64 px on the loaded 2-core machine (cProfile: 31 fits,
+# 668 closures). Not measured per run; it cannot stop midway.
+PROBE_FIT_S = 25.0
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Seconds measured on the first batches, per image: ``eval_s`` decoding and a forward
+    pass without gradients, ``train_s`` decoding, forward and backward with every layer
+    training (the dearest candidate's step); ``setup_s`` per candidate run (its model)."""
+
+    eval_s: float
+    train_s: float
+    setup_s: float
+
+    def as_results(self) -> dict[str, float]:
+        return {
+            "eval_s_per_image": round(self.eval_s, 5),
+            "train_s_per_image": round(self.train_s, 5),
+            "setup_s_per_run": round(self.setup_s, 3),
+        }
+
+
+@dataclass(frozen=True)
+class Work:
+    """What one candidate's round does: ``epochs`` over the images (a training step per
+    training image and an evaluation per validation image, per epoch), or ``feature_passes``
+    over every image (the probe: plain and mirrored) and ``fixed_s`` to fit on them."""
+
+    epochs: int = 0
+    feature_passes: int = 0
+    fixed_s: float = 0.0
+
+
+def work_seconds(work: Work, costs: Costs, n_train: int, n_val: int) -> float:
+    """The seconds ``work`` should take on ``n_train`` training and ``n_val`` validation images."""
+    per_epoch = costs.train_s * n_train + costs.eval_s * n_val
+    passes = work.feature_passes * costs.eval_s * (n_train + n_val)
+    return costs.setup_s + work.fixed_s + work.epochs * per_epoch + passes
+
+
+def rounds_needed(candidates: int) -> int:
+    """Rounds of successive halving from ``candidates`` to one (1 for a single candidate)."""
+    return max(1, math.ceil(math.log2(candidates))) if candidates > 1 else 1
+
+
+def plan_fraction(
+    works: Sequence[Work],
+    costs: Costs,
+    n_train: int,
+    n_val: int,
+    seconds_left: float,
+    min_train: int = 0,
+) -> float:
+    """The fraction of the labelled images (0 to 1] with which round 0 of every candidate in
+    ``works`` fits its part of ``seconds_left``: ``PLAN_SHARE`` of it over the rounds needed.
+    The fixed seconds (set-up, the probe's fit) come first; what is left pays per image. Never
+    below ``min_train`` training images (a candidate of one step says nothing): a budget too
+    small for that is then overrun, and the candidates' stops at their shares limit by how
+    much."""
+    share = PLAN_SHARE * max(seconds_left, 0.0) / rounds_needed(len(works))
+    fixed = sum(work_seconds(w, costs, 0, 0) for w in works)
+    per_all = sum(work_seconds(w, costs, n_train, n_val) for w in works) - fixed
+    if per_all <= 0:
+        return 1.0
+    floor = min(1.0, min_train / n_train) if n_train else 1.0
+    return min(1.0, max(max(share - fixed, 0.0) / per_all, floor))
+
+
+def sample_by_class(
+    by_class: dict[str, list[str]], fraction: float, seed: int, salt: str = ""
+) -> dict[str, list[str]]:
+    """``fraction`` of each class's images (rounded up, at least ``MIN_PER_CLASS`` or all of a
+    smaller class), drawn by a generator seeded by (seed, salt, class name); sorted."""
+    sampled = {}
+    for name, files in by_class.items():
+        keep = max(min(MIN_PER_CLASS, len(files)), math.ceil(fraction * len(files)))
+        chosen = sorted(files)
+        random.Random(f"{seed}-{salt}-{name}").shuffle(chosen)
+        sampled[name] = sorted(chosen[:keep])
+    return sampled

@@ -328,6 +328,15 @@ class PeriodicLastCheckpoint(RelocatableCheckpoint):
         super().on_train_end(trainer, pl_module)
 
 
+class ScoreOnlyCheckpoint(BestAndLastCheckpoint):
+    """Keeps the best score, its path and the last path as ``BestAndLastCheckpoint`` does, and
+    writes no file: an auto candidate's run reads its best validation score only."""
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+
+
 def periodic_last_checkpoint(
     dirpath: Path,
     every_steps: int | None,

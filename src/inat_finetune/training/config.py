@@ -253,7 +253,9 @@ class TrainConfig(BaseModel):
     budget: str | None = Field(
         None,
         pattern=r"^\d+(\.\d+)?[me]$",
-        description="--recipe auto: time for choosing, in minutes (10m) or candidate epochs (20e)",
+        description="--recipe auto: time for choosing, in minutes (10m: measuring and every "
+        "candidate's run, on a sample of the images sized to fit; not the winner's final "
+        "training) or candidate epochs (20e)",
         json_schema_extra={
             UNSET: "4e",
             **COMPARE["json_schema_extra"],  # for compare --recipes auto

@@ -28,6 +28,7 @@ from inat_finetune.training.checkpointing import (
     BestAndLastCheckpoint,
     NonFiniteLossError,
     ResumeState,
+    ScoreOnlyCheckpoint,
     StopOnNonFiniteLoss,
     periodic_last_checkpoint,
 )
@@ -47,13 +48,17 @@ log = logging.getLogger(__name__)
 
 
 def build_trainer(
-    prepared: PreparedRun, callbacks: list[Callback] | None, progress: bool
+    prepared: PreparedRun,
+    callbacks: list[Callback] | None,
+    progress: bool,
+    scores_only: bool = False,
 ) -> tuple[L.Trainer, BestAndLastCheckpoint]:
     """The Trainer with best/last checkpoints, resume state, the non-finite-loss stop, early
-    stopping when asked, the loggers and ``callbacks``; and the best-checkpoint callback."""
+    stopping when asked, the loggers and ``callbacks``; and the best-checkpoint callback.
+    ``scores_only`` (an auto candidate's run): the best score is kept, no checkpoint written."""
     config, run_dir, plan = prepared.config, prepared.run.path, prepared.model.plan
     processes = prepared.processes
-    checkpoint = BestAndLastCheckpoint(
+    checkpoint = (ScoreOnlyCheckpoint if scores_only else BestAndLastCheckpoint)(
         dirpath=run_dir / "checkpoints",
         filename="best",
         monitor="val/acc",
@@ -63,9 +68,11 @@ def build_trainer(
         enable_version_counter=False,  # last.ckpt is shared with the periodic checkpoint
         save_on_train_epoch_end=False,
     )
-    periodic = periodic_last_checkpoint(
-        run_dir / "checkpoints", config.checkpoint_steps, config.checkpoint_minutes, checkpoint
-    )
+    periodic = None
+    if not scores_only:
+        periodic = periodic_last_checkpoint(
+            run_dir / "checkpoints", config.checkpoint_steps, config.checkpoint_minutes, checkpoint
+        )
     run_callbacks: list[Any] = [
         checkpoint,
         *([periodic] if periodic else []),
@@ -117,8 +124,10 @@ def fit_and_test(
     trainer: L.Trainer,
     checkpoint: BestAndLastCheckpoint,
     ckpt_path: Path | None,
+    test: bool = True,
 ) -> Fitted:
-    """The range test first if asked (it may end the run), then fit, then test best.ckpt.
+    """The range test first if asked (it may end the run), then fit, then test best.ckpt
+    (unless not ``test``: an auto candidate's run, scored on validation only).
 
     A fit that stops (an error, Ctrl+C, SIGTERM) says how to resume; Lightning ends on SIGTERM
     with exit status 0, so that becomes 128 + SIGTERM: a stopped run must not look done.
@@ -147,12 +156,16 @@ def fit_and_test(
         train_time = time.perf_counter() - started
         final_train_acc = float(trainer.callback_metrics.get("train/acc", float("nan")))
         started = time.perf_counter()
-        tested = trainer.test(
-            module,
-            datamodule=datamodule,
-            ckpt_path=checkpoint.best_model_path,
-            verbose=False,
-            weights_only=True,
+        tested = (
+            trainer.test(
+                module,
+                datamodule=datamodule,
+                ckpt_path=checkpoint.best_model_path,
+                verbose=False,
+                weights_only=True,
+            )
+            if test
+            else [{}]
         )
     return Fitted(
         train_time_s=train_time,
@@ -212,10 +225,13 @@ def collect_results(
         "best_epoch": best_epoch(run_dir / "metrics.csv") if processes.zero else None,
         "final_train_acc": fitted.final_train_acc,
         "best_val_acc": float(checkpoint.best_model_score),
-        "test_acc": float(tested["test/acc"]),
-        "test_loss": float(tested["test/loss"]),
-        "per_class_test_acc": dict(zip(split.classes, test_report["per_class_acc"], strict=True)),
-        "confusion_matrix": test_report["confusion_matrix"],
+        # None when nothing was tested (an auto candidate's run: no test images).
+        "test_acc": float(tested["test/acc"]) if tested else None,
+        "test_loss": float(tested["test/loss"]) if tested else None,
+        "per_class_test_acc": dict(zip(split.classes, test_report["per_class_acc"], strict=True))
+        if test_report
+        else None,
+        "confusion_matrix": test_report.get("confusion_matrix"),
         "class_names": split.classes,
         "num_images": {k: sum(v.values()) for k, v in split.counts().items()},
         "skipped_files": len(split.skipped),

@@ -64,14 +64,16 @@ def write_outputs(
     run_dir: Path,
     split: DataSplit,
     results: dict[str, Any],
-    probabilities: torch.Tensor,
+    probabilities: torch.Tensor | None,
     loggers: list[Logger],
     report: bool,
     log_model: bool = False,
 ) -> None:
     """Rank 0's files after the test: predictions, results, figures and report, W&B summary
-    (with the best checkpoint as a model artifact when ``log_model``)."""
-    write_predictions(run_dir / "test_predictions.csv", split, probabilities)
+    (with the best checkpoint as a model artifact when ``log_model``). No predictions file
+    without ``probabilities`` (nothing tested: an auto candidate's run)."""
+    if probabilities is not None:
+        write_predictions(run_dir / "test_predictions.csv", split, probabilities)
     write_json_atomic(run_dir / "results.json", results)
     figures = write_figures_and_report(run_dir) if report else {}
     for logger in loggers:

@@ -190,6 +190,6 @@ def probe_and_test(
         train_time_s=train_time,
         test_time_s=time.perf_counter() - started,
         final_train_acc=train["acc"],
-        tested=tested[0],
+        tested=tested[0] if tested else {},  # no test images: an auto candidate's run
         probe=fit.summary(),
     )

@@ -99,6 +99,7 @@ def train(
     ckpt_path: Path | None = None,
     callbacks: list[Callback] | None = None,
     share_features_with: Sequence[str] = (),
+    choice_only: bool = False,
 ) -> RunResult:
     """Run one fine-tuning experiment end to end; see the module docstring for its outputs.
 
@@ -108,6 +109,9 @@ def train(
     ``distributed``). ``callbacks`` are extra Lightning callbacks (the sweep's pruning).
     ``share_features_with`` names the strategies that later runs with this config will train
     (``compare``): a feature pass over the whole backbone stores their frozen prefixes too.
+    ``choice_only``: a candidate run of ``--recipe auto``, whose split holds no test image: no
+    checkpoint file is written and no test runs; results.json has the validation scores, and
+    its test keys are None.
     """
     from inat_finetune.training.preflight import check_machine
 
@@ -128,19 +132,19 @@ def train(
         )
         prepared = PreparedRun(config, split, processes, model, run, module, batch, speed)
         log_run_plan(prepared)
-        trainer, checkpoint = build_trainer(prepared, callbacks, progress)
+        trainer, checkpoint = build_trainer(prepared, callbacks, progress, choice_only)
         if config.recipe == PROBE_RECIPE:
             images = build_datamodule(config, split, model, processes.accelerator)
             fitted = probe_and_test(prepared, trainer, checkpoint, images, progress)
         else:
-            fitted = fit_and_test(prepared, trainer, checkpoint, ckpt_path)
+            fitted = fit_and_test(prepared, trainer, checkpoint, ckpt_path, test=not choice_only)
         if fitted.lr_find_only is not None:
             return RunResult(run_dir=run.path, results={"lr_find": fitted.lr_find_only})
         results = collect_results(prepared, trainer, checkpoint, fitted)
         if fitted.probe is not None:
             results.update(epochs=1, best_epoch=0, linear_probe=fitted.probe)
         if processes.zero:
-            probabilities = module.test_report["probabilities"]
+            probabilities = module.test_report.get("probabilities")  # None: nothing tested
             write_outputs(
                 run.path,
                 split,
