@@ -13,7 +13,9 @@ import torch
 from conftest import make_class_folders
 
 from inat_finetune.inference.predict import predict_paths
+from inat_finetune.tasks import linear_probe
 from inat_finetune.tasks.linear_probe import (
+    cv_sample,
     cv_scores,
     fit_probe,
     fold_standardisation,
@@ -48,6 +50,20 @@ def test_the_search_picks_a_larger_penalty_on_noisy_features_than_on_clean_ones(
     assert noisy.weight_decay >= 100 * clean.weight_decay
     # every grid point was scored, and the choice is the best of them
     assert len(clean.cv["plain"]) == 15 and clean.cv_acc == max(clean.cv["plain"].values())
+
+
+def test_on_many_images_the_penalty_is_chosen_on_a_stratified_sample_and_rescaled(monkeypatch):
+    features, labels = clean_features(n=90)
+    labels = torch.where(torch.arange(90) < 30, torch.tensor(2), labels)  # 3 classes: 30/30/30
+    sample = cv_sample(labels, seed=0, limit=30)
+    assert len(sample) == 30 and torch.bincount(labels[sample]).tolist() == [10, 10, 10]
+    assert torch.equal(cv_sample(labels, seed=0, limit=30), sample)  # seed-fixed
+    assert torch.equal(cv_sample(labels, seed=0, limit=90), torch.arange(90))  # all: no sample
+    monkeypatch.setattr(linear_probe, "CV_IMAGES", 30)
+    fit = fit_probe(features, labels, seed=0)
+    assert fit.cv_images == 30 and fit.summary()["cv_images"] == 30
+    chosen = max(fit.cv[fit.mode], key=lambda wd: (fit.cv[fit.mode][wd], wd))
+    assert math.isclose(fit.weight_decay, chosen * 30 / 90)  # the same penalty on the sum
 
 
 def test_folds_keep_an_image_and_its_mirror_together():
