@@ -188,25 +188,13 @@ def naive_seconds(args: argparse.Namespace) -> float:
     """The naive loop's time for the three strategies, given or measured here."""
     if args.naive_s is not None:
         return args.naive_s
-    from naive_loop import run_naive
+    from run_speed import naive_side  # the naive loop as run_speed.py runs it
 
     from inat_finetune.data.folders import make_split
 
     split = make_split(args.data, seed=args.seed)
-    total = 0.0
-    for strategy in SEED_STRATEGIES:
-        result = run_naive(
-            split,
-            strategy,
-            args.backbone,
-            args.epochs,
-            args.batch_size,
-            augment=True,
-            seed=args.seed,
-        )
-        print(f"naive {strategy}: {result.wall_s:.1f} s, test {100 * result.test_acc:.1f}%")
-        total += result.wall_s
-    return total
+    naive = argparse.Namespace(**vars(args), augment=True, workers=2)
+    return sum(result.wall_s for result in naive_side(split, naive).values())
 
 
 def parse_args() -> argparse.Namespace:
