@@ -331,12 +331,13 @@ def fit_probe(
     """Choose the weight decay (and flip use) by grouped CV on at most ``CV_IMAGES`` images,
     refit on every row, fold."""
     features, labels = features.float(), labels.long()
+    flipped = None if flipped is None else flipped.float()
     sample = cv_sample(labels, seed)
     mode, score, wd, folds, cv = choose_by_cv(
         features[sample],
         labels[sample],
         seed,
-        None if flipped is None else flipped.float()[sample],
+        None if flipped is None else flipped[sample],
         grid,
         k,
     )
