@@ -31,6 +31,7 @@ from inat_finetune.data.batch_augment import (
     WIDTH,
     BatchAugment,
     DrawParams,
+    collate_cropped,
     collate_padded,
     crop_box,
     crops_of,
@@ -57,17 +58,24 @@ def photo() -> torch.Tensor:
     return F.resize(image, PRE.resize_size, antialias=True)
 
 
-def augment_on_device(image: torch.Tensor, seeds: list[int], **options) -> tuple:
-    """The batch path end to end: each sample's parameters under its seed, collate, augment."""
-    draw = DrawParams(PRE.resize_size, PRE.interpolation_mode)
+def augment_on_device(
+    image: torch.Tensor, seeds: list[int], crops_in_loader: bool = False, **options
+) -> tuple:
+    """The batch path end to end: each sample's parameters under its seed, collate, augment;
+    the crops made by the loader (``DrawParams``) or by the batch call."""
+    crop_size = PRE.crop_size if crops_in_loader else None
+    draw = DrawParams(PRE.resize_size, PRE.interpolation_mode, crop_size)
     items = []
     for seed in seeds:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             items.append((draw(image), 0))
-    images, _, params = collate_padded(items)
+    collate = collate_cropped if crops_in_loader else collate_padded
+    images, _, params = collate(items)
     normalise = ToNormalisedFloat(PRE.mean, PRE.std)
-    augment = BatchAugment(PRE.crop_size, PRE.interpolation_mode, normalise, **options)
+    augment = BatchAugment(
+        PRE.crop_size, PRE.interpolation_mode, normalise, crops_in_loader=crops_in_loader, **options
+    )
     return augment(images, params), params
 
 
@@ -94,6 +102,9 @@ def test_identical_images_in_a_batch_come_out_different(photo, options):
     # The same seeds give the same batch: the parameters are all there is to the randomness.
     again, _ = augment_on_device(photo, list(range(8)), **options)
     assert torch.equal(out, again)
+    # And where the crops are made changes nothing.
+    cropped_in_loader, _ = augment_on_device(photo, list(range(8)), True, **options)
+    assert torch.equal(out, cropped_in_loader)
 
 
 def test_crop_boxes_are_random_resized_crops_draws():
@@ -147,15 +158,26 @@ def test_outputs_are_distributed_as_the_per_image_paths(photo):
         assert result.statistic < KS_LIMIT, (name, result)
 
 
-def test_the_datamodule_augments_train_batches_after_the_transfer(image_folder):
+@pytest.mark.parametrize(
+    "crop_in_loader", [True, False], ids=["crops-in-loader", "crops-on-device"]
+)
+def test_the_datamodule_augments_train_batches_after_the_transfer(image_folder, crop_in_loader):
     split = make_split(image_folder({"a": 6, "b": 6}))
     dm = FineTuneDataModule(
-        split, PRE.at_size(32), batch_size=4, num_workers=0, augment_on="device"
+        split,
+        PRE.at_size(32),
+        batch_size=4,
+        num_workers=0,
+        augment_on="device",
+        crop_in_loader=crop_in_loader,
     )
     batch = next(iter(dm.train_dataloader()))
     images, labels, params = batch
     assert images.dtype == torch.uint8 and params.shape[0] == len(labels) == 4
-    assert min(images.shape[-2:]) >= PRE.at_size(32).resize_size  # the stored size, padded
+    if crop_in_loader:  # the crops on their canvas, channels last
+        assert images.shape == (4, 32 + 2 * margin_for(32), 32 + 2 * margin_for(32), 4)
+    else:  # the stored images, padded to the largest
+        assert min(images.shape[-2:]) >= PRE.at_size(32).resize_size
     out, out_labels = dm.on_after_batch_transfer(batch)
     assert out.shape == (4, 3, 32, 32) and out.dtype == torch.float32
     assert out_labels is labels

@@ -85,7 +85,8 @@ ORDER = slice(
     5, 9
 )  # the colour steps' order: a permutation of (brightness, contrast, saturation, hue)
 BRIGHTNESS, CONTRAST, SATURATION, HUE_SHIFT, ANGLE, POLICY_SEED = 9, 10, 11, 12, 13, 14
-PARAMS = 15
+CHANNEL_MEANS = slice(15, 18)  # the crop's, in [0, 1]: filled where the crop is made
+PARAMS = 18
 
 
 def crop_box(height: int, width: int) -> tuple[int, int, int, int]:
@@ -130,11 +131,17 @@ def draw_params(height: int, width: int) -> torch.Tensor:
 class DrawParams:
     """The loader's whole training transform on this path: the uint8 image as it is stored,
     with its random parameters. ``resize_size`` resizes images that are not already stored at
-    that size (the path without the prepared-image cache)."""
+    that size (the path without the prepared-image cache).
 
-    def __init__(self, resize_size: int, interpolation: Any) -> None:
+    With ``crop_size`` the loader also makes the random resized crop (``resized_crop``) and
+    hands over the ``crop_size`` x ``crop_size`` x 3 crop (channels last) with its channel
+    means in the parameters' ``CHANNEL_MEANS``: for ``collate_cropped`` and a
+    ``BatchAugment(crops_in_loader=True)``."""
+
+    def __init__(self, resize_size: int, interpolation: Any, crop_size: int | None = None) -> None:
         self.resize_size = resize_size
         self.interpolation = interpolation
+        self.crop_size = crop_size
 
     def __call__(self, image: Any) -> tuple[torch.Tensor, torch.Tensor]:
         tensor = F.to_image(image).as_subclass(torch.Tensor)
@@ -142,10 +149,16 @@ class DrawParams:
             tensor = F.resize(
                 tensor, self.resize_size, interpolation=self.interpolation, antialias=True
             )
-        return tensor, draw_params(*tensor.shape[-2:])
+        row = draw_params(*tensor.shape[-2:])
+        if self.crop_size is None:
+            return tensor, row
+        crop = resized_crop(tensor, box(row), self.crop_size, self.interpolation)
+        row[CHANNEL_MEANS] = crop_means(crop).double()
+        return crop, row
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(resize_size={self.resize_size})"
+        crop = "" if self.crop_size is None else f", crop_size={self.crop_size}"
+        return f"{type(self).__name__}(resize_size={self.resize_size}{crop})"
 
 
 def collate_padded(
@@ -165,8 +178,22 @@ def collate_padded(
     return images, labels, params
 
 
+def collate_cropped(
+    samples: Sequence[tuple[tuple[torch.Tensor, torch.Tensor], int]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the crops of ``DrawParams(crop_size=...)`` on a ``crop_canvas``, labels, parameters)."""
+    size = samples[0][0][0].shape[0]
+    canvas, inner = crop_canvas(len(samples), size)
+    for k, ((crop, _), _) in enumerate(samples):
+        inner[k, ..., :3] = crop
+    params = torch.stack([row for (_, row), _ in samples])
+    labels = torch.tensor([label for _, label in samples])
+    return canvas, labels, params
+
+
 def is_padded_batch(batch: Any) -> bool:
-    """Whether ``batch`` came from ``collate_padded`` (and still needs augmenting)."""
+    """Whether ``batch`` came from ``collate_padded`` or ``collate_cropped`` (and still needs
+    augmenting)."""
     return isinstance(batch, (tuple, list)) and len(batch) == 3 and batch[0].dtype == torch.uint8
 
 
@@ -189,6 +216,8 @@ class Normalisation(Protocol):
 class BatchAugment:
     """Applies a padded batch's per-sample parameters on the batch's device.
 
+    ``crops_in_loader``: the batches come from ``collate_cropped`` (the loader made the random
+    resized crops) rather than ``collate_padded`` (this call makes them).
     ``policy`` is the recipe's augmentation: ``seed`` (colour jitter and rotation, the original
     write-up's), ``trivialaugment`` or ``randaugment`` (torchvision's, per image under the
     sample's policy seed, on the device). ``normalise`` maps [0, 1] floats to the network's
@@ -203,8 +232,10 @@ class BatchAugment:
         normalise: Normalisation,
         policy: str = "seed",
         random_erasing: float = 0.0,
+        crops_in_loader: bool = False,
     ) -> None:
         self.crop_size = crop_size
+        self.crops_in_loader = crops_in_loader
         self.interpolation = interpolation
         self.normalise = normalise
         self.policy = policy
@@ -220,12 +251,15 @@ class BatchAugment:
 
     def __call__(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         rows = params.cpu().tolist()  # the crop boxes and seeds as Python numbers
-        canvas, channel_means = resized_crops(images, rows, self.crop_size, self.interpolation)
+        if self.crops_in_loader:
+            canvas, means = images, params[:, CHANNEL_MEANS].to(images.device, torch.float32)
+        else:
+            canvas, means = resized_crops(images, rows, self.crop_size, self.interpolation)
         params = params.to(device=images.device, dtype=torch.float32)
         if self.policy_step is None:
             out = jitter_and_rotate(
                 canvas,
-                channel_means,
+                means,
                 params,
                 self.crop_size,
                 self.normalise.mean,
@@ -260,36 +294,58 @@ def margin_for(size: int) -> int:
     return math.ceil(reach - (size - 1) / 2) + 1
 
 
+def crop_canvas(count: int, size: int, device: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A B x P x P x 4 uint8 canvas (channels last) for ``size``-px crops, and the view of its
+    middle where they go: the fourth channel 255 there, ``margin_for(size)`` black pixels with
+    a fourth channel of 0 around it."""
+    margin = margin_for(size)
+    canvas = torch.zeros(
+        count, size + 2 * margin, size + 2 * margin, 4, dtype=torch.uint8, device=device
+    )
+    inner = canvas[:, margin : margin + size, margin : margin + size]
+    inner[..., 3] = 255
+    return canvas, inner
+
+
+def resized_crop(
+    image: torch.Tensor, crop: tuple[int, int, int, int], size: int, interpolation: Any
+) -> torch.Tensor:
+    """The (top, left, height, width) ``crop`` of a 3 x H x W uint8 image resized to ``size`` x
+    ``size`` (antialiased), channels last (size x size x 3): bit for bit ``F.resized_crop``.
+
+    torch's ``interpolate`` runs on the box copied to channels-last memory, the layout its
+    vectorised uint8 kernel works in, so the result needs no transposition."""
+    top, left, height, width = crop
+    region = image[None, :, top : top + height, left : left + width]
+    mode = v2.InterpolationMode(interpolation).value
+    if mode in ("bilinear", "bicubic"):
+        region = region.contiguous(memory_format=torch.channels_last)
+        out = torch.nn.functional.interpolate(
+            region, size=(size, size), mode=mode, antialias=True, align_corners=False
+        )
+    else:  # no antialiased kernel in torch: torchvision's own
+        out = F.resize(region, [size, size], interpolation=interpolation, antialias=True)
+    return out[0].permute(1, 2, 0)
+
+
+def crop_means(crop: torch.Tensor) -> torch.Tensor:
+    """A size x size x 3 uint8 crop's channel means in [0, 1] (float32; summed per crop,
+    which measured 8x faster than over a batch of crops on a canvas)."""
+    return crop.sum(dim=(0, 1), dtype=torch.float32) / (255 * crop.shape[0] * crop.shape[1])
+
+
 def resized_crops(
     images: torch.Tensor, rows: list[list[float]], size: int, interpolation: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each image's crop box resized to ``size`` x ``size`` (uint8, antialiased), as
-    ``F.resized_crop`` computes it, on a B x P x P x 4 uint8 canvas (channels last): the
-    crop in the middle with a fourth channel of 255, ``margin_for(size)`` black pixels with a
-    fourth channel of 0 around it; and each crop's channel means in [0, 1] (B x 3).
-
-    torch's ``interpolate`` runs on the box copied to channels-last memory, the layout its
-    vectorised uint8 kernel works in, and writes to the canvas without a transposition;
-    equal to ``F.resized_crop`` bit for bit (``tests/test_batch_augment.py``)."""
-    mode = v2.InterpolationMode(interpolation).value
-    margin = margin_for(size)
-    canvas = images.new_zeros(len(rows), size + 2 * margin, size + 2 * margin, 4)
-    inner = canvas[:, margin : margin + size, margin : margin + size]
-    inner[..., 3] = 255
-    sums = []
+    """Each image's crop box (``resized_crop``) on a ``crop_canvas``, and each crop's channel
+    means (B x 3, ``crop_means``)."""
+    canvas, inner = crop_canvas(len(rows), size, images.device)
+    means = []
     for k, row in enumerate(rows):
-        top, left, height, width = box(row)
-        region = images[k : k + 1, :, top : top + height, left : left + width]
-        if mode in ("bilinear", "bicubic"):
-            region = region.contiguous(memory_format=torch.channels_last)
-            crop = torch.nn.functional.interpolate(
-                region, size=(size, size), mode=mode, antialias=True, align_corners=False
-            )
-        else:  # no antialiased kernel in torch: torchvision's own
-            crop = F.resize(region, [size, size], interpolation=interpolation, antialias=True)
-        inner[k, ..., :3] = crop[0].permute(1, 2, 0)
-        sums.append(crop[0].sum(dim=(1, 2), dtype=torch.float32))  # per crop: 8x faster
-    return canvas, torch.stack(sums) / (255 * size * size)
+        crop = resized_crop(images[k], box(row), size, interpolation)
+        inner[k, ..., :3] = crop
+        means.append(crop_means(crop))
+    return canvas, torch.stack(means)
 
 
 def box(row: Sequence[float]) -> tuple[int, int, int, int]:

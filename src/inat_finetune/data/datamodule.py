@@ -26,6 +26,7 @@ from torchvision.transforms import v2
 from inat_finetune.data.batch_augment import (
     BatchAugment,
     DrawParams,
+    collate_cropped,
     collate_padded,
     is_padded_batch,
 )
@@ -196,6 +197,7 @@ class FineTuneDataModule(L.LightningDataModule):
         augment_on: str = "cpu",
         policy: str = "seed",
         random_erasing: float = 0.0,
+        crop_in_loader: bool | None = None,
     ) -> None:
         """``train_transform`` replaces the seed's augmentation; ``eval_preprocessing`` sets
         another size for validation and test (``--test-img-size``); ``test_transform`` replaces
@@ -207,7 +209,10 @@ class FineTuneDataModule(L.LightningDataModule):
         ``augment_on="device"`` (what training selects by default: ``TrainConfig.augment_on``)
         moves the training augmentation, ``policy`` and ``random_erasing`` included, from the
         workers to the batch after the transfer (``data.batch_augment``); it needs
-        ``normalise_on_device`` and replaces ``train_transform``."""
+        ``normalise_on_device`` and replaces ``train_transform``. Its random resized crops are
+        made in the loader when ``crop_in_loader`` (by default when there is no GPU: a CPU
+        batch is augmented on the cores the workers share, and the crop is the one step that
+        needs no batch; ``benchmarks/data_pipeline.py``), else on the device with the rest."""
         super().__init__()
         self.split = split
         self.preprocessing = preprocessing
@@ -233,6 +238,9 @@ class FineTuneDataModule(L.LightningDataModule):
                 self.normalise,
                 policy,
                 random_erasing,
+                crops_in_loader=(
+                    not torch.cuda.is_available() if crop_in_loader is None else crop_in_loader
+                ),
             )
             if augment and augment_on == "device" and self.normalise is not None
             else None
@@ -242,7 +250,12 @@ class FineTuneDataModule(L.LightningDataModule):
         pre = self.preprocessing if split == "train" else self.eval_preprocessing
         in_workers = self.normalise is None
         if split == "train" and self.batch_augment is not None:
-            transform = DrawParams(pre.resize_size, pre.interpolation_mode)
+            crops_in_loader = self.batch_augment.crops_in_loader
+            transform = DrawParams(
+                pre.resize_size,
+                pre.interpolation_mode,
+                crop_size=pre.crop_size if crops_in_loader else None,
+            )
         elif split == "train":
             transform = self.train_transform
             if transform is None:
@@ -292,8 +305,11 @@ class FineTuneDataModule(L.LightningDataModule):
         return self._loader("train", shuffle=True)
 
     def train_collate(self) -> Any:
-        """``collate_padded`` when the batch is augmented on the device; else the default."""
-        return collate_padded if self.batch_augment is not None else None
+        """``collate_cropped`` or ``collate_padded`` when the batch is augmented on the device
+        (with the crops made in the loader or not); else the default."""
+        if self.batch_augment is None:
+            return None
+        return collate_cropped if self.batch_augment.crops_in_loader else collate_padded
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)

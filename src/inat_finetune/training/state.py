@@ -92,8 +92,10 @@ class SpeedPaths:
     @property
     def augmentation(self) -> str:
         """Where the training images are augmented (``--augment-on``), or why they are not."""
-        if getattr(self.datamodule, "batch_augment", None) is not None:
-            return "on the device, per batch"
+        batch_augment = getattr(self.datamodule, "batch_augment", None)
+        if batch_augment is not None:
+            crops = "in the loader" if batch_augment.crops_in_loader else "on the device"
+            return f"on the device, per batch (crops {crops})"
         if getattr(self.datamodule, "augment", False):
             return "per image, in the loader"
         return "off"
