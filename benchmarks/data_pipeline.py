@@ -23,9 +23,11 @@ process with glibc's defaults, as ``reuse_freed_memory: false`` does.
 Each is timed with the evaluation transform (resize, centre crop), with the training
 augmentation (random resized crop, flip, colour jitter, rotation) per image in the workers
 (``--augment-on cpu``), and with the same augmentation on the batch after the transfer
-(``--augment-on device``, ``data/batch_augment.py``): the workers then only read the stored
-uint8 image and draw its parameters, and the batch is augmented in the main process, here on
-this CPU, inside the timed loop. After one untimed pass (so
+(``--augment-on device``, ``data/batch_augment.py``): the workers then read the stored uint8
+image and draw its parameters, and the batch is augmented in the main process, here on this
+CPU, inside the timed loop; timed once with the random resized crops made on the device with
+the rest, and once in the workers (``crop_in_loader``, the default without a GPU). After one
+untimed pass (so
 the page cache is equally warm for all), full passes repeat for at least 3 seconds and the
 mean rate is reported: a prepared pass over 256 images lasts a tenth of a second, too short
 to time once.
@@ -166,11 +168,12 @@ def main() -> None:
             naive[augment] = images_per_second(DataLoader(naive_ds, **loader_args))
         rows = []
         modes = (
-            ("evaluation transform", False, "cpu"),
-            ("training augmentation, per image in the workers", True, "cpu"),
-            ("training augmentation, on the batch (this CPU)", True, "device"),
+            ("evaluation transform", False, "cpu", None),
+            ("training augmentation, per image in the workers", True, "cpu", None),
+            ("training augmentation, on the batch, crops on the device", True, "device", False),
+            ("training augmentation, on the batch, crops in the workers", True, "device", True),
         )
-        for title, augment, augment_on in modes:
+        for title, augment, augment_on, crop_in_loader in modes:
             rates = {}
             for name, image_store in (("direct", None), ("prepared", store)):
                 dm = FineTuneDataModule(
@@ -182,6 +185,7 @@ def main() -> None:
                     image_store=image_store,
                     normalise_on_device=not args.normalise_in_workers,
                     augment_on=augment_on,
+                    crop_in_loader=crop_in_loader,
                 )
                 dataset = dm.dataset("train")
                 dataset.samples = everything

@@ -13,7 +13,8 @@ in images per second:
   all CPU workers (a notebook's and a server's cases): the naive ImageFolder loader (PIL, whole
   JPEG decoded, augmented and normalised in the workers), and the project's loader on the
   prepared-image cache with the augmentation per image in the workers (``--augment-on cpu``)
-  and on the batch on the GPU (``--augment-on device``, ``data/batch_augment.py``); with all
+  and on the batch on the GPU (``--augment-on device``, ``data/batch_augment.py``: the random
+  resized crops on the GPU, the default there, or in the workers, the default without one); with all
   workers also the project's loader without the cache (JPEG draft mode, augmented on the GPU).
 
 The gap between the synthetic bf16 row and the pipeline rows is the time the GPU waits for
@@ -207,19 +208,31 @@ def main() -> None:
         for count in worker_counts(cores):
             rate = pipeline(device, sizes, naive, count)
             pipeline_row(f"{photo}, naive ImageFolder (PIL), per image", count, rate)
-            cases = [("prepared cache", store, "cpu"), ("prepared cache", store, "device")]
+            cases = [
+                ("prepared cache", store, "cpu", False),
+                ("prepared cache", store, "device", False),
+                ("prepared cache", store, "device", True),
+            ]
             if count == cores:
-                cases.append(("project loader, no cache", None, "device"))
-            for label, image_store, augment_on in cases:
+                cases.append(("project loader, no cache", None, "device", False))
+            for label, image_store, augment_on, crop_in_loader in cases:
                 dm = FineTuneDataModule(
-                    split, pre, augment=True, image_store=image_store, augment_on=augment_on
+                    split,
+                    pre,
+                    augment=True,
+                    image_store=image_store,
+                    augment_on=augment_on,
+                    crop_in_loader=crop_in_loader,
                 )
                 dataset = dm.dataset("train")
                 dataset.samples = everything
                 rate = pipeline(
                     device, sizes, dataset, count, dm.on_after_batch_transfer, dm.train_collate()
                 )
-                where = "on the device, per batch" if augment_on == "device" else "per image"
+                where = "per image"
+                if augment_on == "device":
+                    crops = "in the workers" if crop_in_loader else "on the GPU"
+                    where = f"on the GPU, per batch, crops {crops}"
                 pipeline_row(f"{photo}, {label}, {where}", count, rate)
     lines += rows
     lines += [
