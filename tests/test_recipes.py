@@ -565,6 +565,23 @@ def test_onecycle_keeps_the_discriminative_ratio():
     assert peaks["layer4"] == pytest.approx(0.1, rel=0.05)
 
 
+@pytest.mark.parametrize(
+    ("total_steps", "max_epochs", "warmup_epochs"), [(1, 1, 0), (4, 1, 0), (4, 4, 1), (3, 3, 1)]
+)
+def test_onecycle_runs_whole_short_schedules(total_steps, max_epochs, warmup_epochs):
+    """A warm-up of one step made torch's OneCycleLR divide by zero (4 steps, or a one-epoch
+    warm-up of one batch per epoch)."""
+    model = TinyResNet()
+    stages = backbone_stages(model, "fc")
+    plan = TrainingPlan(stages=stages, lr_schedule="onecycle", warmup_epochs=warmup_epochs)
+    optimizer = build_optimizer("adam", param_groups(model, stages, 1.0, 0.0, 1.0), 1.0)
+    scheduler = build_scheduler(optimizer, plan, total_steps, max_epochs)
+    for _ in range(total_steps):
+        optimizer.step()
+        scheduler.step()
+        assert all(0 < group["lr"] <= 1.0 for group in optimizer.param_groups)
+
+
 def test_policies_run_on_prepared_tensor_images_of_bicubic_models():
     """The image cache hands tensors to the transforms; EfficientNet-Lite0 resizes bicubically."""
     from torchvision import tv_tensors

@@ -167,11 +167,17 @@ def build_scheduler(
     steps_per_epoch = max(1, total_steps // max(1, max_epochs))
     warmup = round(plan.warmup_epochs * steps_per_epoch)
     if plan.lr_schedule == "onecycle":
+        total = max(total_steps, 2)
+        pct_start = min(0.9, warmup / total) if warmup else 0.25
+        if round(pct_start * total) == 1:
+            # torch divides by (pct_start * total_steps - 1), the warm-up's last step: a
+            # warm-up of one step (a 4-step run, or one epoch of one batch) divides by zero.
+            pct_start = min(0.9, 2 / total)
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
             max_lr=[g["lr"] for g in optimizer.param_groups],
-            total_steps=max(total_steps, 2),
-            pct_start=min(0.9, warmup / total_steps) if warmup else 0.25,
+            total_steps=total,
+            pct_start=pct_start,
         )
     lambdas = []
     for group in optimizer.param_groups:
