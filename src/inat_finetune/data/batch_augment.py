@@ -6,7 +6,11 @@ one core. Here the workers only read the stored uint8 image (shorter side ``resi
 as the prepared-image cache holds it) and draw that image's random parameters; the collate
 pads the batch to its largest image and stacks the parameters; ``BatchAugment`` then applies
 them to the whole batch on the device (the GPU, or the CPU batch when there is none), as
-TorchGeo applies its augmentations in ``on_after_batch_transfer``.
+TorchGeo applies its augmentations in ``on_after_batch_transfer``. Without a GPU the workers
+also make each image's random resized crop (``DrawParams(crop_size=...)``,
+``collate_cropped``, ``BatchAugment(crops_in_loader=True)``; the same pixels): the crop is the
+one step with nothing to gain from a batch, and there the "device" is the main process, which
+then shares the CPU's cores with the workers instead of doing the crops alone.
 
 The contract: each image gets its own parameters, drawn from the same distributions as the
 per-image path (``v2.RandomResizedCrop`` with scale (0.08, 1) and ratio (3/4, 4/3) over the
