@@ -31,9 +31,13 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def naive_transforms(
-    augment: bool, size: int = 224
+    augment: bool, size: int = 224, crop_from: int | None = None
 ) -> tuple[transforms.Compose, transforms.Compose]:
-    """The seed's PIL transforms (torchvision v1): training (augmented or not) and evaluation."""
+    """The seed's PIL transforms (torchvision v1): training (augmented or not) and evaluation.
+
+    ``crop_from``: resize each training photo to that shorter side before its random resized
+    crop, as the project crops from the stored image (``augment_accuracy.py`` asks whether that
+    costs accuracy)."""
     evaluation = transforms.Compose(
         [
             transforms.Resize(round(size * 256 / 224)),
@@ -44,8 +48,10 @@ def naive_transforms(
     )
     if not augment:
         return evaluation, evaluation
+    first = [transforms.Resize(crop_from)] if crop_from else []
     training = transforms.Compose(
         [
+            *first,
             transforms.RandomResizedCrop(size),
             transforms.RandomHorizontalFlip(),
             transforms.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05),
@@ -102,11 +108,12 @@ def run_naive(
     num_workers: int = 2,
     seed: int = 42,
     size: int = 224,
+    crop_from: int | None = None,
 ) -> NaiveResult:
     """Train one strategy the naive way; wall time from building the network to the test."""
     started = time.perf_counter()
     torch.manual_seed(seed)
-    train_tf, eval_tf = naive_transforms(augment, size)
+    train_tf, eval_tf = naive_transforms(augment, size, crop_from)
     loaders = {
         name: DataLoader(
             image_folder(split, name, train_tf if name == "train" else eval_tf),
