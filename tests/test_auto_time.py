@@ -7,6 +7,7 @@ planned work, the sample drawn and how far a stopped run says it got.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -30,8 +31,10 @@ WORKS = [Work(feature_passes=2, fixed_s=25.0), Work(epochs=1), Work(epochs=2), W
 
 
 def test_the_sample_shrinks_when_an_image_costs_more():
-    cheap = Costs(eval_s=0.01, train_s=0.03, setup_s=2.0)
-    dear = Costs(eval_s=0.04, train_s=0.12, setup_s=2.0)  # four times the seconds per image
+    cheap = Costs(eval_s=0.01, train_s=0.03, setup_s=2.0, size=224)
+    dear = Costs(
+        eval_s=0.04, train_s=0.12, setup_s=2.0, size=224
+    )  # four times the seconds per image
     n_train, n_val = 8000, 2000
     fractions = [plan_fraction(WORKS, c, n_train, n_val, 120.0) for c in (cheap, dear)]
     assert 0 < fractions[1] < fractions[0] < 1
@@ -97,7 +100,7 @@ def test_a_time_budget_chooses_on_a_sample_sized_from_the_costs(
 
     def stub(config, split, clock=None):
         measured.append(sum(map(len, split.test.values())))
-        return Costs(eval_s=1.0, train_s=5.0, setup_s=1.0)
+        return Costs(eval_s=1.0, train_s=5.0, setup_s=1.0, size=32)
 
     monkeypatch.setattr(auto, "measure_costs", stub)
     monkeypatch.setattr(auto, "MIN_TRAIN_BATCHES", 1)  # a floor of one batch of 4 of 8 images
@@ -110,6 +113,7 @@ def test_a_time_budget_chooses_on_a_sample_sized_from_the_costs(
         "eval_s_per_image": 1.0,
         "train_s_per_image": 5.0,
         "setup_s_per_run": 1.0,
+        "size_px": 32,
     }
     labelled = result.results["auto"]["refit"]["train_images"]  # the refit uses them all
     assert sample["train_images"] + sample["val_images"] < labelled
@@ -131,7 +135,7 @@ def test_costs_are_measured_on_a_few_labelled_images(tmp_path):
     costs = auto_time.measure_costs(config, split, clock=lambda: float(next(ticks)))
     # A counting clock: each timed batch of 4 images spans 1 tick (0.25 s per image); set-up
     # (building the model) spans 1 tick plus the fixed run set-up.
-    assert costs == Costs(eval_s=0.25, train_s=0.25, setup_s=1.0 + auto_time.RUN_SETUP_S)
+    assert costs == Costs(eval_s=0.25, train_s=0.25, setup_s=1.0 + auto_time.RUN_SETUP_S, size=32)
 
 
 def test_what_came_before_the_first_round_counts_toward_a_time_budget():
@@ -150,3 +154,24 @@ def test_what_came_before_the_first_round_counts_toward_a_time_budget():
 
     assert rounds(30.0) == 2  # 30 + 40 + 40 = 110 s fits 2 minutes
     assert rounds(50.0) == 1  # 50 + 40 + 40 = 130 s does not
+
+
+def test_the_probes_planned_passes_cost_its_larger_images(tmp_path):
+    """The probe takes its features at 1.3x the crop size (288 px for 224): the planned feature
+    passes cost what that many pixels cost, not what the measured size did."""
+    from inat_finetune.training.config import load_config
+
+    split = tiny_split(tmp_path)
+    given = auto_config(tmp_path, "runs").model_dump(exclude_unset=True)
+    config = load_config(None, **{k: v for k, v in given.items() if k != "img_size"})
+    runner = auto.CandidateRunner(config, split, tmp_path / "choice")
+    probe = next(c.name for c in auto.CANDIDATES if c.recipe == auto.PROBE_RECIPE)
+    runner.costs = Costs(eval_s=0.01, train_s=0.03, setup_s=2.0, size=224)
+    assert runner.work(probe, 1).pixel_scale == pytest.approx((288 / 224) ** 2)
+    plain = replace(runner.work(probe, 1), pixel_scale=1.0)
+    costs = runner.costs
+    assert work_seconds(runner.work(probe, 1), costs, 100, 20) > work_seconds(plain, costs, 100, 20)
+    # A size given on the command line is what the probe uses too: the passes cost as measured.
+    sized = auto.CandidateRunner(load_config(None, **given), split, tmp_path / "sized")
+    sized.costs = Costs(eval_s=0.01, train_s=0.03, setup_s=2.0, size=given["img_size"])
+    assert sized.work(probe, 1).pixel_scale == 1.0

@@ -205,7 +205,10 @@ class CandidateRunner:
         """What the candidate does in a round of ``budget_epochs`` (for planning a sample)."""
         candidate = self.table[name]
         if candidate.recipe == PROBE_RECIPE:  # two feature passes: plain and mirrored
-            return Work(feature_passes=2, fixed_s=PROBE_FIT_S)
+            size = self.candidate_config(candidate, 1, "plan").img_size
+            measured = self.costs.size if self.costs else None
+            scale = (size / measured) ** 2 if size and measured else 1.0
+            return Work(feature_passes=2, fixed_s=PROBE_FIT_S, pixel_scale=scale)
         epochs = self.epochs_for(candidate, budget_epochs)
         return Work(epochs=epochs * len(self.folds_for(candidate)))
 

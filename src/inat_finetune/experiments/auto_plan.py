@@ -257,17 +257,20 @@ PROBE_FIT_S = 25.0
 class Costs:
     """Seconds measured on the first batches, per image: ``eval_s`` decoding and a forward
     pass without gradients, ``train_s`` decoding, forward and backward with every layer
-    training (the dearest candidate's step); ``setup_s`` per candidate run (its model)."""
+    training (the dearest candidate's step); ``setup_s`` per candidate run (its model);
+    ``size`` the images' side in pixels when measured."""
 
     eval_s: float
     train_s: float
     setup_s: float
+    size: int
 
     def as_results(self) -> dict[str, float]:
         return {
             "eval_s_per_image": round(self.eval_s, 5),
             "train_s_per_image": round(self.train_s, 5),
             "setup_s_per_run": round(self.setup_s, 3),
+            "size_px": self.size,
         }
 
 
@@ -275,17 +278,19 @@ class Costs:
 class Work:
     """What one candidate's round does: ``epochs`` over the images (a training step per
     training image and an evaluation per validation image, per epoch), or ``feature_passes``
-    over every image (the probe: plain and mirrored) and ``fixed_s`` to fit on them."""
+    over every image (the probe: plain and mirrored) and ``fixed_s`` to fit on them;
+    ``pixel_scale``: its images' area over the measured ones' (the probe's are larger)."""
 
     epochs: int = 0
     feature_passes: int = 0
     fixed_s: float = 0.0
+    pixel_scale: float = 1.0
 
 
 def work_seconds(work: Work, costs: Costs, n_train: int, n_val: int) -> float:
     """The seconds ``work`` should take on ``n_train`` training and ``n_val`` validation images."""
     per_epoch = costs.train_s * n_train + costs.eval_s * n_val
-    passes = work.feature_passes * costs.eval_s * (n_train + n_val)
+    passes = work.feature_passes * work.pixel_scale * costs.eval_s * (n_train + n_val)
     return costs.setup_s + work.fixed_s + work.epochs * per_epoch + passes
 
 

@@ -83,7 +83,7 @@ def measure_costs(config: TrainConfig, split: DataSplit, clock: Clock = time.per
 
     eval_s = seconds_per_image(evaluate, images, timed, clock)
     train_s = seconds_per_image(train, images, timed, clock)
-    return Costs(eval_s=eval_s, train_s=train_s, setup_s=setup_s)
+    return Costs(eval_s=eval_s, train_s=train_s, setup_s=setup_s, size=preprocessing.crop_size)
 
 
 def first_samples(split: DataSplit, count: int) -> list[tuple[Any, int]]:
