@@ -33,11 +33,14 @@ from inat_finetune.training.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 SIDES = ("naive", "device", "cpu")
-# The naive loop cropping from the photo resized to the project's stored size (256 px).
-STORED = "naive-from-256"
+# The naive loop cropping from the photo resized to the project's stored size (256 px), and
+# the project keeping its frozen BatchNorm layers in training mode as the naive loop does.
+STORED, BN_TRAIN = "naive-from-256", "device-bn-train"
 
 
-def project_accuracy(data: str, args: argparse.Namespace, seed: int, augment_on: str) -> dict:
+def project_accuracy(
+    data: str, args: argparse.Namespace, seed: int, augment_on: str, frozen_bn: str = "eval"
+) -> dict:
     """``compare`` on the seed's split, fresh caches; test accuracy per strategy."""
     with tempfile.TemporaryDirectory(prefix="inat-augacc-") as tmp:
         config = load_config(
@@ -49,6 +52,7 @@ def project_accuracy(data: str, args: argparse.Namespace, seed: int, augment_on:
             seed=seed,
             augment=True,
             augment_on=augment_on,
+            frozen_bn=frozen_bn,
             output=str(Path(tmp) / "runs"),
             cache_dir=str(Path(tmp) / "cache"),
         )
@@ -81,7 +85,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument(
-        "--sides", default=",".join(SIDES), help=f"any of {','.join(SIDES)},{STORED}"
+        "--sides", default=",".join(SIDES), help=f"any of {','.join(SIDES)},{STORED},{BN_TRAIN}"
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -95,6 +99,8 @@ def main() -> None:
                 row = naive_accuracy(args.data, args, seed)
             elif side == STORED:
                 row = naive_accuracy(args.data, args, seed, crop_from=256)
+            elif side == BN_TRAIN:
+                row = project_accuracy(args.data, args, seed, "device", frozen_bn="train")
             else:
                 row = project_accuracy(args.data, args, seed, side)
             for strategy, value in row.items():
