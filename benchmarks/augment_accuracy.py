@@ -56,7 +56,7 @@ def project_accuracy(
             output=str(Path(tmp) / "runs"),
             cache_dir=str(Path(tmp) / "cache"),
         )
-        result = compare(config, SEED_STRATEGIES, progress=False)
+        result = compare(config, args.strategies, progress=False)
         return {row["strategy"]: row["test_acc"] for row in result.comparison["rows"]}
 
 
@@ -73,7 +73,7 @@ def naive_accuracy(data: str, args: argparse.Namespace, seed: int, crop_from=Non
             seed=seed,
             crop_from=crop_from,
         ).test_acc
-        for strategy in SEED_STRATEGIES
+        for strategy in args.strategies
     }
 
 
@@ -87,11 +87,13 @@ def main() -> None:
     parser.add_argument(
         "--sides", default=",".join(SIDES), help=f"any of {','.join(SIDES)},{STORED},{BN_TRAIN}"
     )
+    parser.add_argument("--strategies", default=",".join(SEED_STRATEGIES))
     args = parser.parse_args()
+    args.strategies = args.strategies.split(",")
     logging.basicConfig(level=logging.WARNING)
     seeds = [int(s) for s in args.seeds.split(",")]
     sides = args.sides.split(",")
-    acc: dict[str, dict[str, list[float]]] = {s: {k: [] for k in SEED_STRATEGIES} for s in sides}
+    acc: dict[str, dict[str, list[float]]] = {s: {k: [] for k in args.strategies} for s in sides}
     print(f"- {datetime.now().isoformat(timespec='minutes')}: python {' '.join(sys.argv)}")
     for seed in seeds:
         for side in sides:
@@ -111,7 +113,7 @@ def main() -> None:
             )
     print("\n| strategy | " + " | ".join(sides) + " |")
     print("|---|" + "---:|" * len(sides))
-    for strategy in SEED_STRATEGIES:
+    for strategy in args.strategies:
         cells = [
             f"{statistics.mean(acc[s][strategy]):.1f} ("
             + ", ".join(f"{v:.1f}" for v in acc[s][strategy])
