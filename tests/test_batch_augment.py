@@ -232,7 +232,7 @@ def without(params: torch.Tensor, steps: str) -> torch.Tensor:
     return params
 
 
-@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest"])
 def test_crops_on_the_canvas_are_torchvisions_resized_crops(interpolation):
     torch.manual_seed(1)
     images = torch.randint(0, 256, (6, 3, 60, 80), dtype=torch.uint8)

@@ -93,18 +93,25 @@ CHANNEL_MEANS = slice(15, 18)  # the crop's, in [0, 1]: filled where the crop is
 PARAMS = 18
 
 
+CROP_TRIES = 10  # as v2.RandomResizedCrop: then the fallback
+
+
 def crop_box(height: int, width: int) -> tuple[int, int, int, int]:
-    """(top, left, height, width) of a random resized crop: ``v2.RandomResizedCrop``'s draw."""
+    """(top, left, height, width) of a random resized crop: ``v2.RandomResizedCrop``'s
+    distribution (up to ``CROP_TRIES`` area and aspect draws, the first that fits, then a
+    uniform position), from one call to torch's global RNG: a worker draws it per image, where
+    the ~40 small calls of the reference's loop cost more than the crop's resize."""
+    u = torch.rand(2 * CROP_TRIES + 2, dtype=torch.float64).tolist()
     area = height * width
-    log_ratio = (math.log(RATIO[0]), math.log(RATIO[1]))
-    for _ in range(10):
-        target_area = area * torch.empty(1).uniform_(*SCALE).item()
-        aspect = math.exp(torch.empty(1).uniform_(*log_ratio).item())
+    low, high = math.log(RATIO[0]), math.log(RATIO[1])
+    for k in range(CROP_TRIES):
+        target_area = area * (SCALE[0] + (SCALE[1] - SCALE[0]) * u[2 * k])
+        aspect = math.exp(low + (high - low) * u[2 * k + 1])
         w = int(round(math.sqrt(target_area * aspect)))
         h = int(round(math.sqrt(target_area / aspect)))
         if 0 < w <= width and 0 < h <= height:
-            top = int(torch.randint(0, height - h + 1, size=(1,)).item())
-            left = int(torch.randint(0, width - w + 1, size=(1,)).item())
+            top = min(int(u[-2] * (height - h + 1)), height - h)
+            left = min(int(u[-1] * (width - w + 1)), width - w)
             return top, left, h, w
     # Fallback: the central crop at the nearest allowed aspect ratio.
     in_ratio = width / height
@@ -118,18 +125,20 @@ def crop_box(height: int, width: int) -> tuple[int, int, int, int]:
 
 
 def draw_params(height: int, width: int) -> torch.Tensor:
-    """One image's parameters from torch's global RNG (seeded per sample by the loader)."""
-    row = torch.zeros(PARAMS, dtype=torch.float64)
-    row[[TOP, LEFT, HEIGHT, WIDTH]] = torch.tensor(crop_box(height, width), dtype=torch.float64)
-    row[FLIP] = float(torch.rand(1).item() < 0.5)
-    row[ORDER] = torch.randperm(4).to(torch.float64)
-    row[[BRIGHTNESS, CONTRAST, SATURATION]] = (
-        torch.empty(3).uniform_(1 - JITTER, 1 + JITTER).double()
+    """One image's parameters from torch's global RNG (seeded per sample by the loader): the
+    crop box, then the rest from one more call."""
+    values = [0.0] * PARAMS  # CHANNEL_MEANS stay 0 until the crop is made
+    values[TOP], values[LEFT], values[HEIGHT], values[WIDTH] = crop_box(height, width)
+    u = torch.rand(11, dtype=torch.float64).tolist()
+    values[FLIP] = float(u[0] < 0.5)
+    values[ORDER] = sorted(range(4), key=lambda step: u[1 + step])  # a uniform permutation
+    values[BRIGHTNESS], values[CONTRAST], values[SATURATION] = (
+        1 - JITTER + 2 * JITTER * v for v in u[5:8]
     )
-    row[HUE_SHIFT] = torch.empty(1).uniform_(-HUE, HUE).item()
-    row[ANGLE] = torch.empty(1).uniform_(-ROTATION, ROTATION).item()
-    row[POLICY_SEED] = float(torch.randint(0, 2**31 - 1, (1,)).item())
-    return row
+    values[HUE_SHIFT] = -HUE + 2 * HUE * u[8]
+    values[ANGLE] = -ROTATION + 2 * ROTATION * u[9]
+    values[POLICY_SEED] = float(int(u[10] * (2**31 - 1)))
+    return torch.tensor(values, dtype=torch.float64)
 
 
 class DrawParams:
@@ -138,7 +147,7 @@ class DrawParams:
     that size (the path without the prepared-image cache).
 
     With ``crop_size`` the loader also makes the random resized crop (``resized_crop``) and
-    hands over the ``crop_size`` x ``crop_size`` x 3 crop (channels last) with its channel
+    hands over the ``crop_size`` x ``crop_size`` x 4 crop (channels last) with its channel
     means in the parameters' ``CHANNEL_MEANS``: for ``collate_cropped`` and a
     ``BatchAugment(crops_in_loader=True)``."""
 
@@ -189,7 +198,7 @@ def collate_cropped(
     size = samples[0][0][0].shape[0]
     canvas, inner = crop_canvas(len(samples), size)
     for k, ((crop, _), _) in enumerate(samples):
-        inner[k, ..., :3] = crop
+        inner[k] = crop
     params = torch.stack([row for (_, row), _ in samples])
     labels = torch.tensor([label for _, label in samples])
     return canvas, labels, params
@@ -299,43 +308,55 @@ def margin_for(size: int) -> int:
 
 
 def crop_canvas(count: int, size: int, device: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A B x P x P x 4 uint8 canvas (channels last) for ``size``-px crops, and the view of its
-    middle where they go: the fourth channel 255 there, ``margin_for(size)`` black pixels with
-    a fourth channel of 0 around it."""
+    """A B x P x P x 4 uint8 canvas (channels last) for ``size``-px RGBA crops, and the view of
+    its middle where they go (left for the caller to fill); ``margin_for(size)`` pixels of
+    (0, 0, 0, 0) around it: black, and a fourth channel of 0."""
     margin = margin_for(size)
-    canvas = torch.zeros(
-        count, size + 2 * margin, size + 2 * margin, 4, dtype=torch.uint8, device=device
-    )
-    inner = canvas[:, margin : margin + size, margin : margin + size]
-    inner[..., 3] = 255
-    return canvas, inner
+    padded = size + 2 * margin
+    canvas = torch.empty(count, padded, padded, 4, dtype=torch.uint8, device=device)
+    for strip in (
+        canvas[:, :margin],
+        canvas[:, margin + size :],
+        canvas[:, margin : margin + size, :margin],
+        canvas[:, margin : margin + size, margin + size :],
+    ):
+        strip.zero_()
+    return canvas, canvas[:, margin : margin + size, margin : margin + size]
 
 
 def resized_crop(
     image: torch.Tensor, crop: tuple[int, int, int, int], size: int, interpolation: Any
 ) -> torch.Tensor:
     """The (top, left, height, width) ``crop`` of a 3 x H x W uint8 image resized to ``size`` x
-    ``size`` (antialiased), channels last (size x size x 3): bit for bit ``F.resized_crop``.
+    ``size`` (antialiased), with a fourth channel of 255, channels last (size x size x 4): the
+    colour channels bit for bit ``F.resized_crop``'s.
 
-    torch's ``interpolate`` runs on the box copied to channels-last memory, the layout its
-    vectorised uint8 kernel works in, so the result needs no transposition."""
+    On the CPU torch's ``interpolate`` runs on the box copied to four-channel channels-last
+    memory, the layout its vectorised uint8 kernel works in (twice as fast as with three
+    channels, which it pads to four), so the result needs no transposition and is copied onto
+    a canvas as whole 4-byte pixels.
+    Elsewhere (a GPU has no antialiased uint8 kernel) it is torchvision's own resize."""
     top, left, height, width = crop
-    region = image[None, :, top : top + height, left : left + width]
+    region = image[:, top : top + height, left : left + width]
     mode = v2.InterpolationMode(interpolation).value
-    if mode in ("bilinear", "bicubic"):
-        region = region.contiguous(memory_format=torch.channels_last)
+    if image.device.type == "cpu" and mode in ("bilinear", "bicubic"):
+        rgba = torch.empty(height, width, 4, dtype=torch.uint8)
+        rgba[..., :3] = region.permute(1, 2, 0)
+        rgba[..., 3] = 255
         out = torch.nn.functional.interpolate(
-            region, size=(size, size), mode=mode, antialias=True, align_corners=False
-        )
-    else:  # no antialiased kernel in torch: torchvision's own
-        out = F.resize(region, [size, size], interpolation=interpolation, antialias=True)
-    return out[0].permute(1, 2, 0)
+            rgba.permute(2, 0, 1)[None], size=(size, size), mode=mode, antialias=True
+        )[0].permute(1, 2, 0)
+        out[..., 3] = 255  # interpolating a constant channel may round it to 254 elsewhere
+        return out
+    rgb = F.resize(region, [size, size], interpolation=interpolation, antialias=True)
+    return torch.cat([rgb, torch.full_like(rgb[:1], 255)]).permute(1, 2, 0)
 
 
 def crop_means(crop: torch.Tensor) -> torch.Tensor:
-    """A size x size x 3 uint8 crop's channel means in [0, 1] (float32; summed per crop,
+    """A ``resized_crop``'s channel means in [0, 1] (float32, three values; summed per crop,
     which measured 8x faster than over a batch of crops on a canvas)."""
-    return crop.sum(dim=(0, 1), dtype=torch.float32) / (255 * crop.shape[0] * crop.shape[1])
+    sums = crop.sum(dim=(0, 1), dtype=torch.float32)[:3]  # all four: a contiguous reduction
+    return sums / (255 * crop.shape[0] * crop.shape[1])
 
 
 def resized_crops(
@@ -347,7 +368,7 @@ def resized_crops(
     means = []
     for k, row in enumerate(rows):
         crop = resized_crop(images[k], box(row), size, interpolation)
-        inner[k, ..., :3] = crop
+        inner[k] = crop
         means.append(crop_means(crop))
     return canvas, torch.stack(means)
 
