@@ -298,3 +298,28 @@ def test_the_hue_rotation_turns_hues_as_torchvisions_hsv_shift():
     off = (angle - their_angle + 180).remainder(360) - 180
     assert off[coloured].abs().max() < 2.5
     assert abs((chroma[coloured] / their_chroma[coloured]).mean() - 1) < 0.02  # no saturation
+
+
+@pytest.mark.parametrize(
+    "crop_in_loader", [True, False], ids=["crops-in-loader", "crops-on-device"]
+)
+def test_a_worker_hands_over_the_batches_the_main_process_makes(image_folder, crop_in_loader):
+    """In a worker the batch is built in shared memory (``batch_buffer``): the same batches,
+    each sample augmented under its own seed wherever it was read."""
+    split = make_split(image_folder({"a": 5, "b": 5}))
+
+    def batches(workers: int) -> list:
+        dm = FineTuneDataModule(
+            split,
+            PRE.at_size(32),
+            batch_size=4,
+            num_workers=workers,
+            augment_on="device",
+            crop_in_loader=crop_in_loader,
+        )
+        return [dm.on_after_batch_transfer(batch) for batch in dm.train_dataloader()]
+
+    in_process, from_worker = batches(0), batches(1)
+    assert len(in_process) == len(from_worker) == 2
+    for (a, labels_a), (b, labels_b) in zip(in_process, from_worker, strict=True):
+        assert torch.equal(a, b) and torch.equal(labels_a, labels_b)
