@@ -77,6 +77,8 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from inat_finetune.data.colour_matrix import colour_matrices
+
 SCALE = (0.08, 1.0)  # v2.RandomResizedCrop's defaults, as the per-image path uses them
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 JITTER = 0.2  # brightness, contrast, saturation: factor in [0.8, 1.2]
@@ -402,10 +404,6 @@ def crops_of(canvas: torch.Tensor, size: int) -> torch.Tensor:
     return crops.permute(0, 3, 1, 2).contiguous()
 
 
-# torchvision's rgb_to_grayscale weights: the grey that contrast and saturation blend with.
-GREY = (0.2989, 0.587, 0.114)
-
-
 def jitter_and_rotate(
     canvas: torch.Tensor,
     channel_means: torch.Tensor,
@@ -429,7 +427,14 @@ def jitter_and_rotate(
     rgba = rgba.view(torch.uint8).view(b, size * size, 4)
     pixels = torch.empty(b, 4, size * size, device=canvas.device)
     pixels.copy_(rgba.transpose(1, 2))  # float and channels first in one copy
-    matrices, low = colour_matrices(params, channel_means, mean, std)
+    matrices, low = colour_matrices(
+        params[:, [BRIGHTNESS, CONTRAST, SATURATION]],
+        params[:, HUE_SHIFT],
+        params[:, ORDER].long(),
+        channel_means,
+        mean,
+        std,
+    )
     out = torch.baddbmm(low.view(1, 3, 1), matrices, pixels)
     for channel, (m, s) in enumerate(zip(mean, std, strict=True)):
         # A scalar clamp per channel, from Python numbers: 3x faster than tensor bounds on the
@@ -455,68 +460,3 @@ def flip_rotation_index(params: torch.Tensor, size: int, margin: int) -> torch.T
     column = ((cos * mirror) * x + (centre + margin - sin * mirror * y)).round_()
     row = (sin * x + (cos * y + centre + margin)).round_()
     return (row * (size + 2 * margin) + column).long().view(-1, size * size)
-
-
-def colour_matrices(
-    params: torch.Tensor,
-    channel_means: torch.Tensor,
-    mean: Sequence[float],
-    std: Sequence[float],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each image's colour jitter and normalisation as one B x 3 x 4 matrix on a canvas
-    pixel (r, g, b, a), 0-255, a = 255 where the image is and 0 in the rotation's corners:
-    ``low + matrix @ (r, g, b, a)`` is the jittered, normalised pixel, and ``low`` (black,
-    normalised) in the corners; and ``low``.
-
-    The four steps are affine in RGB, composed in each image's drawn order: brightness
-    ``b x``, saturation ``s x + (1 - s) grey(x)``, hue (``hue_matrix``), and contrast
-    ``c x + (1 - c) grey(mean of the image)``, whose offset needs the image's mean at that
-    point in the chain, a linear function of ``channel_means`` (the crop's, in [0, 1]).
-    """
-    b, device = len(params), params.device
-    eye = torch.eye(3, device=device).expand(b, 3, 3)
-    grey = torch.tensor(GREY, device=device)
-    to_grey = grey.expand(3, 3)  # each row: the grey of (r, g, b)
-    factor = params[:, [BRIGHTNESS, CONTRAST, SATURATION]].view(b, 3, 1, 1)
-    steps = torch.stack(
-        [
-            eye * factor[:, 0],
-            eye * factor[:, 1],
-            eye * factor[:, 2] + (1 - factor[:, 2]) * to_grey,
-            hue_matrix(params[:, HUE_SHIFT]),
-        ],
-        dim=1,
-    )  # B x 4 x 3 x 3, in the order (brightness, contrast, saturation, hue)
-    matrix, offset = eye, torch.zeros(b, 3, device=device)
-    rows = torch.arange(b, device=device)
-    for position in range(4):
-        step = params[:, ORDER][:, position].long()
-        chosen = steps[rows, step]
-        image_mean = torch.einsum("bij,bj->bi", matrix, channel_means) + offset
-        contrast_offset = (1 - factor[:, 1, 0, 0]) * (image_mean @ grey)
-        offset = torch.einsum("bij,bj->bi", chosen, offset)
-        offset = offset + (step == 1).float()[:, None] * contrast_offset[:, None]
-        matrix = chosen @ matrix
-    scale = 1 / torch.tensor(std, device=device)
-    low = -torch.tensor(mean, device=device) * scale
-    # (matrix x / 255 + offset - mean) / std = low + [matrix | offset] (x, 255) / 255 * scale.
-    normalised = torch.cat([matrix * scale[:, None], (offset * scale)[..., None]], dim=2) / 255
-    return normalised, low
-
-
-def hue_matrix(shift: torch.Tensor) -> torch.Tensor:
-    """Each image's hue shift (in turns) as a rotation of RGB about the grey axis (1, 1, 1)
-    by that angle (Rodrigues' formula): how NVIDIA DALI's ``hsv`` operator approximates the
-    HSV hue shift ("projected along the neutral (gray) axis, rotated based on the hue
-    delta"). Hues turn as ``F.adjust_hue`` turns them, to 2.1 degrees at the largest shift
-    (18 degrees); see the module docstring for how it differs."""
-    angle = shift * (2 * math.pi)
-    cos, sin = angle.cos()[:, None, None], angle.sin()[:, None, None]
-    axis = torch.full((3,), 1 / math.sqrt(3), device=shift.device)
-    cross = (
-        torch.tensor([[0.0, -1.0, 1.0], [1.0, 0.0, -1.0], [-1.0, 1.0, 0.0]], device=shift.device)
-        * axis[0]
-    )
-    outer = torch.outer(axis, axis)
-    eye = torch.eye(3, device=shift.device)
-    return cos * eye + sin * cross + (1 - cos) * outer
