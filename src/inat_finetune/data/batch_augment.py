@@ -24,9 +24,10 @@ whatever the batch composition.
 How the batch is augmented (``BatchAugment``, seed policy), and what differs from the
 per-image path's pixels (the distributions match: ``tests/test_batch_augment.py``):
 
-* ``resized_crops``: each crop box through torch's antialiased ``interpolate`` in
-  channels-last uint8 (bit for bit ``F.resized_crop``'s crop), written into a canvas with a
-  black margin and a fourth channel that is 255 on the crop and 0 on the margin;
+* ``resized_crop``: each crop box through torch's antialiased ``interpolate`` on
+  channels-last RGBA uint8 (the colour bit for bit ``F.resized_crop``'s crop; a fourth
+  channel of 255), written onto a canvas with a margin of (0, 0, 0, 0) (``crop_canvas``), in
+  the loader's workers or on the device;
 * ``flip_rotation_index``: the flip and the nearest-neighbour rotation only move pixels, so
   they are one ``gather`` of whole RGBA pixels (viewed as int32) from the canvas: the same
   pixels as ``F.horizontal_flip`` then ``F.rotate``, corners read from the margin;
@@ -61,7 +62,7 @@ flip, colour jitter, rotation, normalisation    374 ms (jitter 315, rotation 53)
 whole call                                      437 ms                              80 ms
 ==============================================  ==================================  =======
 
-The crops now include the canvas (zeroing, the fourth channel, the per-crop sums); the
+The crops then included the canvas (zeroing, the fourth channel, the per-crop sums); the
 ``affine_grid`` + nearest ``grid_sample`` way of rotating measured several times slower than
 the gather, and a bilinear ``grid_sample`` folding crop and rotation together would drop the
 crop's antialiasing. ``benchmarks/data_pipeline.py`` has the loader-level figures.
