@@ -355,7 +355,8 @@ def resized_crop(
     memory, the layout its vectorised uint8 kernel works in (twice as fast as with three
     channels, which it pads to four), so the result needs no transposition and is copied onto
     a canvas as whole 4-byte pixels.
-    Elsewhere (a GPU has no antialiased uint8 kernel) it is torchvision's own resize."""
+    Elsewhere (another device, another interpolation) it is torchvision's own resize, which
+    handles uint8 on any device."""
     top, left, height, width = crop
     region = image[:, top : top + height, left : left + width]
     mode = v2.InterpolationMode(interpolation).value
