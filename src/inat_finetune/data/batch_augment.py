@@ -199,7 +199,7 @@ def collate_cropped(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(the crops of ``DrawParams(crop_size=...)`` on a ``crop_canvas``, labels, parameters)."""
     size = samples[0][0][0].shape[0]
-    canvas, inner = crop_canvas(len(samples), size, buffer=batch_buffer)
+    canvas, inner = crop_canvas(len(samples), size)
     for k, ((crop, _), _) in enumerate(samples):
         inner[k] = crop
     params = torch.stack([row for (_, row), _ in samples])
@@ -207,12 +207,12 @@ def collate_cropped(
     return canvas, labels, params
 
 
-def batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
-    """An uninitialised uint8 tensor for a batch; in a loader worker, in shared memory, as
-    ``default_collate`` allocates its batches: handing it to the main process then copies
-    nothing (a tensor in private memory is copied into a new shared segment on the way)."""
+def batch_buffer(shape: tuple[int, ...], device: Any = None) -> torch.Tensor:
+    """An uninitialised uint8 tensor for a batch, on ``device``; in a loader worker, in shared
+    memory, as ``default_collate`` allocates its batches: handing it to the main process then
+    copies nothing (a tensor in private memory is copied into a new shared segment on the way)."""
     if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.uint8)
+        return torch.empty(shape, dtype=torch.uint8, device=device)
     storage = torch.UntypedStorage._new_shared(math.prod(shape))
     return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
 
@@ -320,20 +320,13 @@ def margin_for(size: int) -> int:
     return math.ceil(reach - (size - 1) / 2) + 1
 
 
-def crop_canvas(
-    count: int, size: int, device: Any = None, buffer: Callable[..., torch.Tensor] | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A B x P x P x 4 uint8 canvas (channels last) for ``size``-px RGBA crops, and the view of
-    its middle where they go (left for the caller to fill); ``margin_for(size)`` pixels of
-    (0, 0, 0, 0) around it: black, and a fourth channel of 0. ``buffer(shape)`` allocates it
-    (``batch_buffer`` in the loader), else it is allocated on ``device``."""
+def crop_canvas(count: int, size: int, device: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A B x P x P x 4 uint8 canvas (channels last, a ``batch_buffer``) for ``size``-px RGBA
+    crops, and the view of its middle where they go (left for the caller to fill);
+    ``margin_for(size)`` pixels of (0, 0, 0, 0) around it: black, and a fourth channel of 0."""
     margin = margin_for(size)
     padded = size + 2 * margin
-    shape = (count, padded, padded, 4)
-    if buffer is not None:
-        canvas = buffer(shape)
-    else:
-        canvas = torch.empty(shape, dtype=torch.uint8, device=device)
+    canvas = batch_buffer((count, padded, padded, 4), device)
     for strip in (
         canvas[:, :margin],
         canvas[:, margin + size :],
