@@ -11,7 +11,9 @@ DataLoaders, batch 32, that yield normalised 224-px tensors:
 * direct: the project's loader without the cache (JPEG draft mode, then the same transforms);
 * prepared: the project's loader reading the prepared-image cache (built once, timed apart).
 
-The project's loaders are timed as a CPU run uses them: they hand over uint8 images and the
+The project's loaders are set up as the datamodule sets them up (the training loader shuffles and
+augments each sample under its own seed, ``data.sampling.ResumableLoader``) and timed as a CPU
+run uses them: they hand over uint8 images and the
 datamodule normalises each batch on the device (``FineTuneDataModule.on_after_batch_transfer``),
 here this CPU, so that step runs in the main process inside the timed loop and every loader
 ends with the same normalised float32 batches; their workers keep freed memory
@@ -57,6 +59,7 @@ from torchvision import datasets
 
 from inat_finetune.data.datamodule import FineTuneDataModule
 from inat_finetune.data.folders import make_split
+from inat_finetune.data.sampling import ResumableLoader
 from inat_finetune.models.backbones import IMAGENET_PREPROCESSING
 from inat_finetune.runtime.allocator import freed_memory_kept, keep_freed_memory
 from inat_finetune.speed.prepared import prepared_images_for
@@ -189,13 +192,23 @@ def main() -> None:
                 )
                 dataset = dm.dataset("train")
                 dataset.samples = everything
-                # Set up as the datamodule's own loaders are (without their shuffling).
-                loader = DataLoader(
-                    dataset,
-                    persistent_workers=True,
-                    worker_init_fn=keep_freed_memory,
-                    collate_fn=dm.train_collate(),
-                    **loader_args,
+                # Set up as the datamodule's own loaders are: training's shuffles and seeds
+                # each sample (data.sampling), evaluation's reads in order.
+                loader = (
+                    ResumableLoader(
+                        dataset,
+                        args.batch_size,
+                        seed=0,
+                        num_workers=args.workers,
+                        collate_fn=dm.train_collate(),
+                    )
+                    if augment
+                    else DataLoader(
+                        dataset,
+                        persistent_workers=True,
+                        worker_init_fn=keep_freed_memory,
+                        **loader_args,
+                    )
                 )
                 with freed_memory_kept(not args.default_allocator):
                     rates[name] = images_per_second(loader, dm.on_after_batch_transfer)

@@ -38,6 +38,7 @@ from inat_finetune.data.batch_augment import (
     draw_params,
     jitter_and_rotate,
     margin_for,
+    resized_crop,
     resized_crops,
 )
 from inat_finetune.data.datamodule import ToNormalisedFloat
@@ -252,6 +253,15 @@ def test_crops_on_the_canvas_are_torchvisions_resized_crops(interpolation):
     alpha = canvas[..., 3]
     assert (alpha[:, margin : margin + 32, margin : margin + 32] == 255).all()
     assert alpha.sum() == 255 * 6 * 32 * 32 and canvas[alpha == 0].sum() == 0  # a black margin
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_a_crop_on_the_cpu_comes_out_in_contiguous_channels_last_memory(interpolation):
+    # The canvas takes it as whole rows of 4-byte pixels; a transposed crop would cost a
+    # worker a strided copy per image.
+    image = torch.randint(0, 256, (3, 60, 80), dtype=torch.uint8)
+    crop = resized_crop(image, (5, 7, 40, 50), 32, interpolation)
+    assert crop.shape == (32, 32, 4) and crop.is_contiguous()
 
 
 def test_flip_and_rotation_are_torchvisions_pixels():

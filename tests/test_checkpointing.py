@@ -203,13 +203,14 @@ def test_run_lock_is_reentrant_in_a_process_and_removed_on_release(tmp_path):
 
 
 class _Draws(Dataset):
-    """Item i is (i, a random draw): shows the order and the RNG each sample was given."""
+    """Item i is (i, random draws): shows the order and the seeds each sample was given, of
+    torch's generator (torchvision's), Python's and NumPy's (other augmentation libraries')."""
 
     def __len__(self) -> int:
         return 10
 
     def __getitem__(self, index: int) -> tuple[int, float]:
-        return index, float(torch.rand(()))
+        return index, float(torch.rand(())) + 10 * random.random() + 100 * np.random.rand()
 
 
 def _batches(loader, limit=None):
@@ -244,6 +245,17 @@ def test_augmentation_does_not_depend_on_worker_count():
     serial = ResumableLoader(_Draws(), batch_size=4, seed=5)
     parallel = ResumableLoader(_Draws(), batch_size=4, seed=5, num_workers=2)
     assert _batches(serial) == _batches(parallel)
+
+
+def test_seeded_samples_leave_the_main_process_generators_as_they_were():
+    def draws() -> tuple[float, float, float]:
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    expected = draws()
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    _batches(ResumableLoader(_Draws(), batch_size=4, seed=5))
+    assert draws() == expected
 
 
 def test_a_last_batch_of_one_is_dropped_for_batchnorm():

@@ -357,8 +357,11 @@ def resized_crop(
         rgba = torch.empty(height, width, 4, dtype=torch.uint8)
         rgba[..., :3] = region.permute(1, 2, 0)
         rgba[..., 3] = 255
+        # A batch dimension in front of the channels-last image, so that interpolate sees
+        # channels-last memory and returns it (``rgba.permute(2, 0, 1)[None]`` gets an output
+        # in channels-first memory, which every later copy then has to transpose).
         out = torch.nn.functional.interpolate(
-            rgba.permute(2, 0, 1)[None], size=(size, size), mode=mode, antialias=True
+            rgba[None].permute(0, 3, 1, 2), size=(size, size), mode=mode, antialias=True
         )[0].permute(1, 2, 0)
         out[..., 3] = 255  # interpolating a constant channel may round it to 254 elsewhere
         return out

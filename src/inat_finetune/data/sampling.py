@@ -62,7 +62,8 @@ class ResumableSampler(Sampler):
 
 
 class SeededSamples(Dataset):
-    """Runs each ``dataset[index]`` under its sample seed, leaving the global RNG untouched."""
+    """Runs each ``dataset[index]`` under its sample seed: in the main process leaving the global
+    generators as they were, in a loader worker leaving them seeded by the sample."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -72,21 +73,31 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         index, seed = key
-        # torchvision draws from torch's RNG; other augmentation libraries (timm's RandAugment)
-        # from Python's or NumPy's, so all three are seeded and then put back.
+        if torch.utils.data.get_worker_info() is not None:
+            # A loader worker's global generators serve only the samples, each of which seeds
+            # them first: nothing to put back (saving and restoring NumPy's state would be
+            # most of this wrapper's cost per sample).
+            seed_generators(seed)
+            return self.dataset[index]
         python_state, numpy_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
-            # The CPU generator only: torch.manual_seed also seeds every accelerator backend,
-            # and before CUDA is initialised each of those records a stack trace (about 1 ms
-            # per sample: most of the cost of an epoch on stored features).
-            torch.random.default_generator.manual_seed(seed)
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
+            seed_generators(seed)
             try:
                 return self.dataset[index]
             finally:
                 random.setstate(python_state)
                 np.random.set_state(numpy_state)
+
+
+def seed_generators(seed: int) -> None:
+    """Seeds the generators augmentations draw from: torchvision's (torch's CPU generator) and
+    other libraries' (timm's RandAugment: Python's; NumPy's)."""
+    # The CPU generator only: torch.manual_seed also seeds every accelerator backend, and
+    # before CUDA is initialised each of those records a stack trace (about 1 ms per sample:
+    # most of the cost of an epoch on stored features).
+    torch.random.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
 
 
 class ResumableLoader(DataLoader):
