@@ -129,7 +129,12 @@ def crop_box(height: int, width: int) -> tuple[int, int, int, int]:
 
 def draw_params(height: int, width: int) -> torch.Tensor:
     """One image's parameters from torch's global RNG (seeded per sample by the loader): the
-    crop box, then the rest from one more call."""
+    crop box, then the rest from one more call (``draw_values``)."""
+    return torch.tensor(draw_values(height, width), dtype=torch.float64)
+
+
+def draw_values(height: int, width: int) -> list[float]:
+    """``draw_params`` as a list of Python numbers."""
     values = [0.0] * PARAMS  # CHANNEL_MEANS stay 0 until the crop is made
     values[TOP], values[LEFT], values[HEIGHT], values[WIDTH] = crop_box(height, width)
     u = torch.rand(11, dtype=torch.float64).tolist()
@@ -141,7 +146,7 @@ def draw_params(height: int, width: int) -> torch.Tensor:
     values[HUE_SHIFT] = -HUE + 2 * HUE * u[8]
     values[ANGLE] = -ROTATION + 2 * ROTATION * u[9]
     values[POLICY_SEED] = float(int(u[10] * (2**31 - 1)))
-    return torch.tensor(values, dtype=torch.float64)
+    return values
 
 
 class DrawParams:
@@ -165,12 +170,11 @@ class DrawParams:
             tensor = F.resize(
                 tensor, self.resize_size, interpolation=self.interpolation, antialias=True
             )
-        row = draw_params(*tensor.shape[-2:])
-        if self.crop_size is None:
-            return tensor, row
-        crop = resized_crop(tensor, box(row), self.crop_size, self.interpolation)
-        row[CHANNEL_MEANS] = crop_means(crop).double()
-        return crop, row
+        values = draw_values(*tensor.shape[-2:])
+        if self.crop_size is not None:
+            tensor = resized_crop(tensor, box(values), self.crop_size, self.interpolation)
+            values[CHANNEL_MEANS] = crop_means(tensor).tolist()
+        return tensor, torch.tensor(values, dtype=torch.float64)
 
     def __repr__(self) -> str:
         crop = "" if self.crop_size is None else f", crop_size={self.crop_size}"
