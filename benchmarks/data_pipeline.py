@@ -11,16 +11,16 @@ DataLoaders, batch 32, that yield normalised 224-px tensors:
 * direct: the project's loader without the cache (JPEG draft mode, then the same transforms);
 * prepared: the project's loader reading the prepared-image cache (built once, timed apart).
 
-The project's loaders are set up as the datamodule sets them up (the training loader shuffles and
-augments each sample under its own seed, ``data.sampling.ResumableLoader``) and timed as a CPU
-run uses them: they hand over uint8 images and the
-datamodule normalises each batch on the device (``FineTuneDataModule.on_after_batch_transfer``),
-here this CPU, so that step runs in the main process inside the timed loop and every loader
-ends with the same normalised float32 batches; their workers keep freed memory
-(``allocator.keep_freed_memory``) and so does the main process, as inside ``train`` on a CPU
-(``allocator.freed_memory_kept``). ``--normalise-in-workers`` times the older hand-over (each
-worker normalises each image and hands over float32); ``--default-allocator`` leaves the main
-process with glibc's defaults, as ``reuse_freed_memory: false`` does.
+The project's loaders are set up as the datamodule sets them up (the training loader shuffles
+and augments each sample under its own seed, ``data.sampling.ResumableLoader``) and timed as a
+CPU run uses them: they hand over uint8 images and the datamodule normalises each batch on the
+device (``FineTuneDataModule.on_after_batch_transfer``), here this CPU, so that step runs in the
+main process inside the timed loop and every loader ends with the same normalised float32
+batches; their workers keep freed memory (``allocator.keep_freed_memory``) and so does the main
+process, as inside ``train`` on a CPU (``allocator.freed_memory_kept``).
+``--normalise-in-workers`` times the older hand-over (each worker normalises each image and
+hands over float32); ``--default-allocator`` leaves the main process with glibc's defaults, as
+``reuse_freed_memory: false`` does.
 
 Each is timed with the evaluation transform (resize, centre crop), with the training
 augmentation (random resized crop, flip, colour jitter, rotation) per image in the workers
@@ -29,10 +29,9 @@ augmentation (random resized crop, flip, colour jitter, rotation) per image in t
 image and draw its parameters, and the batch is augmented in the main process, here on this
 CPU, inside the timed loop; timed once with the random resized crops made on the device with
 the rest, and once in the workers (``crop_in_loader``, the default without a GPU). After one
-untimed pass (so
-the page cache is equally warm for all), full passes repeat for at least 3 seconds and the
-mean rate is reported: a prepared pass over 256 images lasts a tenth of a second, too short
-to time once.
+untimed pass (so the page cache is equally warm for all), full passes repeat for at least 3
+seconds and the mean rate is reported: a prepared pass over 256 images lasts a tenth of a
+second, too short to time once.
 """
 
 from __future__ import annotations
