@@ -251,9 +251,14 @@ def test_seeded_samples_leave_the_main_process_generators_as_they_were():
     def draws() -> tuple[float, float, float]:
         return random.random(), float(np.random.rand()), float(torch.rand(()))
 
-    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    def seed_all() -> None:
+        random.seed(1)
+        np.random.seed(1)
+        torch.manual_seed(1)
+
+    seed_all()
     expected = draws()
-    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    seed_all()
     _batches(ResumableLoader(_Draws(), batch_size=4, seed=5))
     assert draws() == expected
 

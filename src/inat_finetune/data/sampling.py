@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from inat_finetune.runtime.allocator import keep_freed_memory
 
@@ -73,7 +73,7 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         index, seed = key
-        if torch.utils.data.get_worker_info() is not None:
+        if get_worker_info() is not None:
             # A loader worker's global generators serve only the samples, each of which seeds
             # them first: nothing to put back (saving and restoring NumPy's state would be
             # most of this wrapper's cost per sample).
