@@ -21,7 +21,6 @@ import time
 import torch
 
 from inat_finetune.data import batch_augment as ba
-from inat_finetune.data.colour_matrix import colour_matrices
 from inat_finetune.data.datamodule import ToNormalisedFloat
 from inat_finetune.models.backbones import IMAGENET_PREPROCESSING as PRE
 from inat_finetune.runtime.allocator import keep_freed_memory
@@ -51,13 +50,8 @@ def main() -> None:
         "  of which flip_rotation_index": lambda: ba.flip_rotation_index(
             floats, size, ba.margin_for(size)
         ),
-        "  of which colour_matrices": lambda: colour_matrices(
-            floats[:, [ba.BRIGHTNESS, ba.CONTRAST, ba.SATURATION]],
-            floats[:, ba.HUE_SHIFT],
-            params[:, ba.ORDER].long(),
-            means,
-            PRE.mean,
-            PRE.std,
+        "  of which colour_matrices": lambda: ba.colour_matrices_of(
+            floats, means, PRE.mean, PRE.std
         ),
         "whole call": lambda: augment(images, params),
     }

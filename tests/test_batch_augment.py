@@ -195,7 +195,7 @@ def mid_range_batch(count: int = 12, size: int = 32) -> tuple:
     as ``F.resized_crop`` cuts them, and the images' parameters."""
     torch.manual_seed(0)
     images = torch.randint(77, 179, (count, 3, 40, 50), dtype=torch.uint8)
-    params = torch.stack([draw_params(40, 50) for _ in range(count)])
+    params = torch.tensor([draw_params(40, 50) for _ in range(count)], dtype=torch.float64)
     canvas, means = resized_crops(images, params.tolist(), size, "bilinear")
     return images, canvas, means, params.float()
 
@@ -237,7 +237,7 @@ def without(params: torch.Tensor, steps: str) -> torch.Tensor:
 def test_crops_on_the_canvas_are_torchvisions_resized_crops(interpolation):
     torch.manual_seed(1)
     images = torch.randint(0, 256, (6, 3, 60, 80), dtype=torch.uint8)
-    rows = [draw_params(60, 80).tolist() for _ in range(6)]
+    rows = [draw_params(60, 80) for _ in range(6)]
     canvas, means = resized_crops(images, rows, 32, interpolation)
     expected = torch.stack(
         [

@@ -75,6 +75,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
+from torch.utils.data import get_worker_info
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
@@ -127,14 +128,9 @@ def crop_box(height: int, width: int) -> tuple[int, int, int, int]:
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def draw_params(height: int, width: int) -> torch.Tensor:
-    """One image's parameters from torch's global RNG (seeded per sample by the loader): the
-    crop box, then the rest from one more call (``draw_values``)."""
-    return torch.tensor(draw_values(height, width), dtype=torch.float64)
-
-
-def draw_values(height: int, width: int) -> list[float]:
-    """``draw_params`` as a list of Python numbers."""
+def draw_params(height: int, width: int) -> list[float]:
+    """One image's parameters (a row of ``PARAMS`` Python numbers) from torch's global RNG
+    (seeded per sample by the loader): the crop box, then the rest from one more call."""
     values = [0.0] * PARAMS  # CHANNEL_MEANS stay 0 until the crop is made
     values[TOP], values[LEFT], values[HEIGHT], values[WIDTH] = crop_box(height, width)
     u = torch.rand(11, dtype=torch.float64).tolist()
@@ -170,7 +166,7 @@ class DrawParams:
             tensor = F.resize(
                 tensor, self.resize_size, interpolation=self.interpolation, antialias=True
             )
-        values = draw_values(*tensor.shape[-2:])
+        values = draw_params(*tensor.shape[-2:])
         if self.crop_size is not None:
             tensor = resized_crop(tensor, box(values), self.crop_size, self.interpolation)
             values[CHANNEL_MEANS] = crop_means(tensor).tolist()
@@ -215,7 +211,7 @@ def batch_buffer(shape: tuple[int, ...], device: Any = None) -> torch.Tensor:
     """An uninitialised uint8 tensor for a batch, on ``device``; in a loader worker, in shared
     memory, as ``default_collate`` allocates its batches: handing it to the main process then
     copies nothing (a tensor in private memory is copied into a new shared segment on the way)."""
-    if torch.utils.data.get_worker_info() is None:
+    if get_worker_info() is None:
         return torch.empty(shape, dtype=torch.uint8, device=device)
     storage = torch.UntypedStorage._new_shared(math.prod(shape))
     return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
@@ -429,7 +425,20 @@ def jitter_and_rotate(
     rgba = rgba.view(torch.uint8).view(b, size * size, 4)
     pixels = torch.empty(b, 4, size * size, device=canvas.device)
     pixels.copy_(rgba.transpose(1, 2))  # float and channels first in one copy
-    matrices, low = colour_matrices(
+    matrices, low = colour_matrices_of(params, channel_means, mean, std)
+    out = torch.baddbmm(low.view(1, 3, 1), matrices, pixels)
+    for channel, (m, s) in enumerate(zip(mean, std, strict=True)):
+        # A scalar clamp per channel, from Python numbers: 3x faster than tensor bounds on the
+        # CPU, and no wait on a GPU.
+        out[:, channel].clamp_(-m / s, (1 - m) / s)
+    return out.view(b, 3, size, size)
+
+
+def colour_matrices_of(
+    params: torch.Tensor, channel_means: torch.Tensor, mean: Sequence[float], std: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``colour_matrix.colour_matrices`` of a batch's parameter rows (float) and channel means."""
+    return colour_matrices(
         params[:, [BRIGHTNESS, CONTRAST, SATURATION]],
         params[:, HUE_SHIFT],
         params[:, ORDER].long(),
@@ -437,12 +446,6 @@ def jitter_and_rotate(
         mean,
         std,
     )
-    out = torch.baddbmm(low.view(1, 3, 1), matrices, pixels)
-    for channel, (m, s) in enumerate(zip(mean, std, strict=True)):
-        # A scalar clamp per channel, from Python numbers: 3x faster than tensor bounds on the
-        # CPU, and no wait on a GPU.
-        out[:, channel].clamp_(-m / s, (1 - m) / s)
-    return out.view(b, 3, size, size)
 
 
 def flip_rotation_index(params: torch.Tensor, size: int, margin: int) -> torch.Tensor:
