@@ -6,7 +6,9 @@ import inat_finetune  # noqa: F401 - first: sets OpenMP's wait policy before tor
 
 # isort: split
 import os
+import shutil
 import struct
+import tempfile
 import threading
 import zlib
 from pathlib import Path
@@ -23,6 +25,12 @@ FLOWERS = SHARED_DATASETS / "flowers"
 # Keep torch to the machine's cores and W&B away from the network in every test.
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def pytest_report_header(config) -> str:
+    """The free space where the tests write, so a run that fills the disk says so up front."""
+    free = shutil.disk_usage(tempfile.gettempdir()).free
+    return f"free disk in {tempfile.gettempdir()}: {free / 2**30:.1f} GiB"
 
 
 @pytest.fixture(scope="session", autouse=True)
