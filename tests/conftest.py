@@ -11,6 +11,7 @@ import struct
 import tempfile
 import threading
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,33 @@ def _private_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("INAT_FINETUNE_CACHE", str(tmp_path_factory.mktemp("cache")))
         yield
+
+
+class ModuleTempFactory:
+    """``tmp_path_factory.mktemp`` for module-scoped fixtures: what they make goes when the module
+    ends, unless a test failed meanwhile (then it stays to look at, as a failing test's
+    ``tmp_path`` does). Their runs' checkpoints would otherwise pile up until the session ends."""
+
+    def __init__(self, factory: pytest.TempPathFactory) -> None:
+        self.factory = factory
+        self.made: list[Path] = []
+
+    def mktemp(self, basename: str) -> Path:
+        path = self.factory.mktemp(basename)
+        self.made.append(path)
+        return path
+
+
+@pytest.fixture(scope="module")
+def module_tmp_factory(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ModuleTempFactory]:
+    failed_before = request.session.testsfailed
+    folders = ModuleTempFactory(tmp_path_factory)
+    yield folders
+    if request.session.testsfailed == failed_before:
+        for path in folders.made:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 # The smallest real training run: options most training tests start from (a dict to update).

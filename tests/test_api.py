@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HYMENOPTERA, ROOT, require_shared, write_image
+from conftest import HYMENOPTERA, ROOT, ModuleTempFactory, require_shared, write_image
 from matplotlib.figure import Figure
 from PIL import Image
 
@@ -57,10 +57,10 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def api_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def api_run(module_tmp_factory: ModuleTempFactory) -> dict:
     """Two epochs of freeze_last at 128 px through the API in a fresh process (about a minute)."""
     data = require_shared(HYMENOPTERA)
-    work = tmp_path_factory.mktemp("api")
+    work = module_tmp_factory.mktemp("api")
     images = (
         sorted((data / "val" / "bees").iterdir())[:3]
         + sorted((data / "val" / "ants").iterdir())[:3]

@@ -213,9 +213,9 @@ def _predictions(run_dir):
 
 
 @pytest.fixture(scope="module", params=["images", "features"])
-def clean(request, tmp_path_factory):
+def clean(request, module_tmp_factory):
     """A clean run that filled one cache: the image cache, or the feature cache."""
-    root = tmp_path_factory.mktemp(request.param)
+    root = module_tmp_factory.mktemp(request.param)
     make_class_folders(root / "data", {"ant": 6, "bee": 6})
     settings = dict(
         data=str(root / "data"),

@@ -35,8 +35,8 @@ def test_strategy_list_errors():
 
 
 @pytest.fixture(scope="module")
-def comparison(tmp_path_factory, monkeypatch_module):
-    root = tmp_path_factory.mktemp("cmp")
+def comparison(module_tmp_factory, monkeypatch_module):
+    root = module_tmp_factory.mktemp("cmp")
     make_class_folders(root / "data" / "train", {"a": 10, "b": 10})
     make_class_folders(root / "data" / "val", {"a": 3, "b": 3}, seed=7)
     monkeypatch_module.setenv("WANDB_MODE", "offline")

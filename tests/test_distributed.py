@@ -148,18 +148,18 @@ def test_helpers_in_a_real_process_group(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
+def dataset(module_tmp_factory) -> Path:
     # 20 training images -> 16 train + 4 val (2 per class); 9 test images: odd on purpose, so
     # the two ranks test 5 and 4 images and the reductions must weight them correctly.
-    root = tmp_path_factory.mktemp("ddp") / "data"
+    root = module_tmp_factory.mktemp("ddp") / "data"
     make_class_folders(root / "train", {"cat": 10, "dog": 10}, seed=1)
     make_class_folders(root / "val", {"cat": 5, "dog": 4}, seed=2)
     return root
 
 
 @pytest.fixture(scope="module")
-def single_process(dataset, tmp_path_factory):
-    out = tmp_path_factory.mktemp("one")
+def single_process(dataset, module_tmp_factory):
+    out = module_tmp_factory.mktemp("one")
     config = load_config(
         None, **TINY, data=str(dataset), batch_size=16, devices="1", output=str(out)
     )

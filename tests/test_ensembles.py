@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HYMENOPTERA, TINY_TRAIN, make_class_folders, require_shared
+from conftest import HYMENOPTERA, TINY_TRAIN, ModuleTempFactory, make_class_folders, require_shared
 
 from inat_finetune.api import load
 from inat_finetune.errors import UserError
@@ -39,10 +39,10 @@ def _settings(root: Path, **changes: object) -> dict[str, object]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+def runs(module_tmp_factory: ModuleTempFactory) -> dict[str, object]:
     """A run of mobilenet_v2 alone, then of the ensemble on the same images and cache; the
     images each backbone pass computed are counted."""
-    root = tmp_path_factory.mktemp("ensemble")
+    root = module_tmp_factory.mktemp("ensemble")
     make_class_folders(root / "data", {"a": 8, "b": 8})
     computed: list[tuple[str, int]] = []
     extract = features._extract

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ModuleTempFactory
 
 from inat_finetune.errors import UserError
 from inat_finetune.inference.evaluation import load_checkpoint
@@ -40,8 +41,8 @@ def write_checkpoint(path: Path, backbone: str, weights: str, img_size: int = IM
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("export_ckpts")
+def checkpoints(module_tmp_factory: ModuleTempFactory) -> dict[str, Path]:
+    root = module_tmp_factory.mktemp("export_ckpts")
     return {
         # resnet50 from random init: no download needed; mobilenet_v2 with its real ImageNet
         # weights (installed offline), so its features and logits are realistic.
@@ -177,14 +178,14 @@ def test_cli_export_writes_the_model_and_reports_the_check(
 
 
 @pytest.fixture(scope="module")
-def lite0_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def lite0_run(module_tmp_factory: ModuleTempFactory) -> Path:
     """A real 1-epoch run of timm's tf_efficientnet_lite0 (offline weights) at 64 px."""
     from conftest import TINY_TRAIN, make_class_folders
 
     from inat_finetune.training.config import load_config
     from inat_finetune.training.run import train
 
-    base = tmp_path_factory.mktemp("lite0_run")
+    base = module_tmp_factory.mktemp("lite0_run")
     for split, count, seed in (("train", 4, 1), ("val", 2, 2), ("test", 2, 3)):
         make_class_folders(base / "data" / split, dict.fromkeys(CLASSES, count), seed=seed)
     options = {**TINY_TRAIN, "backbone": "tf_efficientnet_lite0", "img_size": 64}

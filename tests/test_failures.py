@@ -249,9 +249,9 @@ def test_command_numbers_out_of_range_are_usage_errors(tmp_path, args, message):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
+def tiny_run(module_tmp_factory) -> Path:
     """A 1-epoch run on train/val/test folders whose class c has no test image."""
-    base = tmp_path_factory.mktemp("tinyrun")
+    base = module_tmp_factory.mktemp("tinyrun")
     data = base / "data"
     make_class_folders(data / "train", {"a": 6, "b": 6, "c": 6}, seed=1)
     make_class_folders(data / "val", {"a": 2, "b": 2}, seed=2)  # c: no validation image

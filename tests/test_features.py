@@ -51,9 +51,9 @@ def _plain_and_cached(root, settings):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(module_tmp_factory):
     """freeze_last: the classifier trains on stored features."""
-    root = tmp_path_factory.mktemp("features")
+    root = module_tmp_factory.mktemp("features")
     common, plain, cached = _plain_and_cached(root, TINY)
     return root, common, plain, cached
 
@@ -216,9 +216,9 @@ def test_results_file_and_report_name_the_paths(runs):
 
 
 @pytest.fixture(scope="module")
-def prefix_runs(tmp_path_factory):
+def prefix_runs(module_tmp_factory):
     settings = {**TINY, "strategy": "freeze_k_percent"}
-    common, plain, cached = _plain_and_cached(tmp_path_factory.mktemp("prefix"), settings)
+    common, plain, cached = _plain_and_cached(module_tmp_factory.mktemp("prefix"), settings)
     return common, settings, plain, cached
 
 

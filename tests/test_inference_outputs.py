@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import typer
-from conftest import make_class_folders, write_image
+from conftest import ModuleTempFactory, make_class_folders, write_image
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
@@ -27,7 +27,7 @@ NO_GPU = not torch.cuda.is_available()
 
 
 @pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_ckpt(module_tmp_factory: ModuleTempFactory) -> Path:
     """mobilenet_v2's ImageNet weights with its ant and bee rows as the head, at 64 px: a
     checkpoint in a second whose answers depend on the image (random weights' barely do)."""
     built = get_model("mobilenet_v2", weights="DEFAULT")
@@ -45,15 +45,15 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "preprocessing": built.preprocessing.at_size(64).to_dict(),
         "strategy": "none",
     }
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
+    path = module_tmp_factory.mktemp("ckpt") / "tiny.ckpt"
     state = {f"model.{k}": v for k, v in built.model.state_dict().items()}
     torch.save({"state_dict": state, CARD_KEY: card}, path)
     return path
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    folder = tmp_path_factory.mktemp("photos")
+def photos(module_tmp_factory: ModuleTempFactory) -> list[Path]:
+    folder = module_tmp_factory.mktemp("photos")
     return [write_image(folder / f"p{i}.jpg", i, (60 + 7 * i, 50)) for i in range(5)]
 
 

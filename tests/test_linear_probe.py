@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_class_folders
+from conftest import ModuleTempFactory, make_class_folders
 
 from inat_finetune.inference.predict import predict_paths
 from inat_finetune.tasks import linear_probe
@@ -133,9 +133,9 @@ def predictions_of(run_dir: Path) -> dict[str, list[float]]:
 
 
 @pytest.fixture(scope="module")
-def probe_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def probe_runs(module_tmp_factory: ModuleTempFactory) -> tuple[Path, Path]:
     """The probe on generated photos, then again with every test label changed."""
-    base = tmp_path_factory.mktemp("probe")
+    base = module_tmp_factory.mktemp("probe")
     data = tree(base / "data", seed=3)
     corrupted = base / "corrupted"
     shutil.copytree(data, corrupted)

@@ -24,8 +24,8 @@ TINY = {**TINY_TRAIN, "checkpoint_minutes": 0, "seed": 3}
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("options") / "data"
+def data(module_tmp_factory) -> Path:
+    root = module_tmp_factory.mktemp("options") / "data"
     make_class_folders(root, {"a": 10, "b": 10})  # 12 train / 4 val / 4 test: 3 steps an epoch
     return root
 

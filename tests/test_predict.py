@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HYMENOPTERA, require_shared, write_image, write_tall_png
+from conftest import HYMENOPTERA, ModuleTempFactory, require_shared, write_image, write_tall_png
 from typer.testing import CliRunner
 
 from inat_finetune.cli.main import app
@@ -22,7 +22,7 @@ from inat_finetune.training.run import train
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def trained_run(module_tmp_factory: ModuleTempFactory) -> Path:
     """One epoch of mobilenet_v2 on hymenoptera at 64 px (about a minute on 2 cores)."""
     data = require_shared(HYMENOPTERA)
     cfg = load_config(
@@ -33,7 +33,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         epochs=1,
         img_size=64,
         batch_size=32,
-        output=str(tmp_path_factory.mktemp("runs")),
+        output=str(module_tmp_factory.mktemp("runs")),
     )
     return train(cfg, progress=False).run_dir
 

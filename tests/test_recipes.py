@@ -341,8 +341,8 @@ def test_saved_config_repeats_a_recipe_run(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("recipes")
+def tiny_data(module_tmp_factory):
+    root = module_tmp_factory.mktemp("recipes")
     make_class_folders(root / "data" / "train", {"cat": 8, "dog": 8})
     make_class_folders(root / "data" / "val", {"cat": 3, "dog": 3}, seed=9)
     return root

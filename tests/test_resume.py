@@ -102,27 +102,27 @@ def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("resume") / "data"
+def data(module_tmp_factory) -> Path:
+    root = module_tmp_factory.mktemp("resume") / "data"
     make_class_folders(root, {"ant": 10, "bee": 10, "wasp": 10})
     return root
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(data, tmp_path_factory) -> Path:
-    output = tmp_path_factory.mktemp("uninterrupted")
+def uninterrupted(data, module_tmp_factory) -> Path:
+    output = module_tmp_factory.mktemp("uninterrupted")
     cfg = load_config(None, data=str(data), output=str(output), run_name="r", **OPTIONS)
     return train(cfg, progress=False, report=False).run_dir
 
 
 @pytest.fixture(scope="module")
-def uninterrupted_variant(data, tmp_path_factory):
+def uninterrupted_variant(data, module_tmp_factory):
     """The uninterrupted run of a VARIANTS entry, trained once per module when first asked."""
     runs: dict[str, Path] = {}
 
     def run_of(name: str) -> Path:
         if name not in runs:
-            output = tmp_path_factory.mktemp(f"uninterrupted_{name}")
+            output = module_tmp_factory.mktemp(f"uninterrupted_{name}")
             options = VARIANTS[name]
             cfg = load_config(None, data=str(data), output=str(output), run_name="r", **options)
             runs[name] = train(cfg, progress=False, report=False).run_dir
@@ -275,8 +275,8 @@ HIGH_LR = dict(OPTIONS, lr=0.05, epochs=3, checkpoint_steps=None)
 
 
 @pytest.fixture(scope="module")
-def high_lr_uninterrupted(data, tmp_path_factory) -> Path:
-    output = tmp_path_factory.mktemp("high_lr")
+def high_lr_uninterrupted(data, module_tmp_factory) -> Path:
+    output = module_tmp_factory.mktemp("high_lr")
     cfg = load_config(None, data=str(data), output=str(output), run_name="r", **HIGH_LR)
     return train(cfg, progress=False, report=False).run_dir
 

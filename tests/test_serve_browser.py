@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HYMENOPTERA, require_shared, write_tall_png
+from conftest import HYMENOPTERA, ModuleTempFactory, require_shared, write_tall_png
 from fastapi.testclient import TestClient
 from torch import nn
 from typer.testing import CliRunner
@@ -75,9 +75,9 @@ def write_insect_checkpoint(path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def predictor(tmp_path_factory: pytest.TempPathFactory) -> Predictor:
+def predictor(module_tmp_factory: ModuleTempFactory) -> Predictor:
     return Predictor.from_checkpoint(
-        write_insect_checkpoint(tmp_path_factory.mktemp("serve") / "insects.ckpt")
+        write_insect_checkpoint(module_tmp_factory.mktemp("serve") / "insects.ckpt")
     )
 
 
@@ -199,10 +199,10 @@ TALL_REFUSAL = (
 
 
 @pytest.fixture(scope="module")
-def tall_pngs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+def tall_pngs(module_tmp_factory: ModuleTempFactory) -> dict[str, bytes]:
     """146 KB and 73 KB PNGs of 4 x 20,000,000 and 4 x 10,000,000 px (the second is within
     the 40-megapixel limit): resized to 232 px they would take hundreds of GB."""
-    folder = tmp_path_factory.mktemp("tall")
+    folder = module_tmp_factory.mktemp("tall")
     return {
         "tall.png": write_tall_png(folder / "tall.png", 4, 20_000_000).read_bytes(),
         "within_pixels.png": write_tall_png(folder / "w.png", 4, 10_000_000).read_bytes(),
@@ -324,11 +324,11 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(
-    predictor: Predictor, tmp_path_factory: pytest.TempPathFactory
+    predictor: Predictor, module_tmp_factory: ModuleTempFactory
 ) -> Iterator[tuple[str, subprocess.Popen]]:
     """``inat-finetune serve`` itself, in a subprocess on a free loopback port."""
     port = free_port()
-    log = tmp_path_factory.mktemp("server") / "serve.log"
+    log = module_tmp_factory.mktemp("server") / "serve.log"
     with log.open("wb") as sink:
         process = subprocess.Popen(
             [sys.executable, "-m", "inat_finetune", "serve", predictor.checkpoint,
@@ -403,7 +403,7 @@ def test_server_refuses_too_tall_images_without_using_memory(server, tall_pngs) 
 
 
 @pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+def browser(module_tmp_factory: ModuleTempFactory) -> Iterator[object]:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -426,7 +426,7 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
         "--disable-sync",
         "--disable-dev-shm-usage",
         "--window-size=1000,720",
-        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
+        f"--user-data-dir={module_tmp_factory.mktemp('chromium-profile')}",
     ):
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))

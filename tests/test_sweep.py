@@ -49,8 +49,8 @@ SEARCH = {
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("sweepdata") / "data"
+def data(module_tmp_factory) -> Path:
+    root = module_tmp_factory.mktemp("sweepdata") / "data"
     make_class_folders(root, {"cat": 8, "dog": 8, "fox": 8})
     return root
 

@@ -23,8 +23,8 @@ TINY = dict(backbone="mobilenet_v2", img_size=32, batch_size=8, num_workers=0, e
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
+def tiny_run(module_tmp_factory):
+    root = module_tmp_factory.mktemp("tiny")
     make_class_folders(root / "data" / "train", {"cat": 10, "dog": 10, "fox": 10})
     make_class_folders(root / "data" / "val", {"cat": 3, "dog": 3, "fox": 3}, seed=9)
     cfg = load_config(

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TINY_TRAIN, make_class_folders
+from conftest import TINY_TRAIN, ModuleTempFactory, make_class_folders
 from typer.testing import CliRunner
 
 from inat_finetune.cli.main import app
@@ -55,8 +55,8 @@ def of_type(records: list[Any], kind: str) -> list[Any]:
 
 
 @pytest.fixture(scope="module")
-def wandb_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    root = tmp_path_factory.mktemp("wandb")
+def wandb_run(module_tmp_factory: ModuleTempFactory) -> dict[str, Any]:
+    root = module_tmp_factory.mktemp("wandb")
     make_class_folders(root / "data", {"ants": 8, "bees": 8})
     options = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_TRAIN.items()]
     args = ["train", "--data", str(root / "data"), "--output", str(root / "runs"), *options]
