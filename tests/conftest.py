@@ -30,8 +30,8 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 def pytest_report_header(config) -> str:
     """The free space where the tests write, so a run that fills the disk says so up front."""
-    free = shutil.disk_usage(tempfile.gettempdir()).free
-    return f"free disk in {tempfile.gettempdir()}: {free / 2**30:.1f} GiB"
+    folder = tempfile.gettempdir()
+    return f"free disk in {folder}: {shutil.disk_usage(folder).free / 2**30:.1f} GiB"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -61,6 +61,7 @@ class ModuleTempFactory:
 def module_tmp_factory(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ModuleTempFactory]:
+    """The module's ``ModuleTempFactory``; its folders are removed at the module's end."""
     failed_before = request.session.testsfailed
     folders = ModuleTempFactory(tmp_path_factory)
     yield folders
